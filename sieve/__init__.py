@@ -1,0 +1,1 @@
+"""Sieve: one small LLM backbone serving embeddings, full ranking and compressed RAG answers."""
