@@ -20,12 +20,14 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .config import ModelArgs
+from .generate import stream
 from .model import Transformer
 from .tokenizer import Tokenizer, tokenizer_from_gguf, tokenizer_from_hf_folder
 from .weights import StateDict, WeightsError, read_gguf, read_hf_folder
@@ -67,6 +69,27 @@ class Backbone:
     @property
     def dtype(self) -> torch.dtype:
         return self.model.tok_embeddings.weight.dtype
+
+    def encode_prompt(self, text: str, *, chat: bool = True, system: str | None = None) -> list[int]:
+        """Token ids for `text`, wrapped in the model's chat template (as one user turn) when `chat`."""
+        if chat and self.tokenizer.meta.chat_template:
+            messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return self.tokenizer.encode(text)
+
+    def stream_ids(self, prompt_ids: list[int], **generation) -> Iterator[int]:
+        """Generated token ids of one prompt as they are decoded, stopping at (and excluding) a stop token."""
+        stop = set(self.tokenizer.eos_ids)
+        for step in stream(self.model, [prompt_ids], stop_tokens=stop, pad_id=self.tokenizer.pad_id, **generation):
+            token = int(step.tokens[0])
+            if token in stop:
+                return
+            yield token
+
+    def stream_text(self, text: str, *, chat: bool = True, system: str | None = None, **generation) -> Iterator[str]:
+        """Text pieces of the answer to `text` as they are generated (see generate.stream for the options)."""
+        ids = self.encode_prompt(text, chat=chat, system=system)
+        yield from self.tokenizer.stream_decode(self.stream_ids(ids, **generation))
 
 
 def resolve_device(device: str) -> torch.device:

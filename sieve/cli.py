@@ -1,0 +1,147 @@
+"""The `sieve` command line: thin commands over the library, output through rich."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from sieve.settings import Settings
+
+app = typer.Typer(help="Sieve: embeddings, full ranking and compressed RAG answers from one small LLM backbone.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+console = Console()
+err = Console(stderr=True)
+
+
+def _settings() -> Settings:
+    settings = Settings()
+    logging.basicConfig(level=settings.log_level, format="%(message)s",
+                        handlers=[RichHandler(console=err, show_path=False)])
+    if settings.threads:
+        import torch
+
+        torch.set_num_threads(settings.threads)
+    return settings
+
+
+def _load(settings: Settings):
+    from sieve.backbone import load_backbone
+    from sieve.registry import resolve_backbone
+
+    source = resolve_backbone(settings.backbone)
+    with err.status(f"loading backbone from {source} ..."):
+        return load_backbone(source, home=settings.home / "cache", device=settings.device, dtype=settings.dtype)
+
+
+def _fail(message: str) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {message}")
+    return typer.Exit(code=1)
+
+
+@app.command()
+def info(as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False) -> None:
+    """Show the backbone in use: size, device, dtype, cache, and how long loading took."""
+    import torch
+
+    from sieve.backbone import ATTENTION_MODES, BackboneNotFound, WeightsError
+
+    settings = _settings()
+    try:
+        bb = _load(settings)
+    except (BackboneNotFound, WeightsError) as e:
+        raise _fail(str(e)) from None
+    a = bb.args
+    facts = {
+        "backbone": settings.backbone,
+        "source": str(bb.source),
+        "architecture": f"{a.arch}: {a.n_layers} layers, d_model {a.dim}, {a.n_heads} q / {a.n_kv_heads} kv heads, "
+                        f"vocab {a.vocab_size}, context {a.max_seq_len}, rope theta {a.rope_theta:g}",
+        "parameters": bb.model.num_parameters(),
+        "device": str(bb.device),
+        "dtype": str(bb.dtype).removeprefix("torch."),
+        "threads": torch.get_num_threads(),
+        "cache": str(bb.cache_dir) if bb.cache_dir else "none (weights read in place)",
+        "first_start_convert_s": bb.convert_seconds,
+        "this_load_s": round(bb.load_seconds, 3),
+        "loaded_from": "source (converted now)" if bb.converted_now else ("cache" if bb.cache_dir else "source"),
+        "attention_modes": sorted(ATTENTION_MODES),
+        "torch": torch.__version__,
+    }
+    if bb.cache_rebuilt_reason:
+        facts["cache_rebuilt_because"] = bb.cache_rebuilt_reason
+    if as_json:
+        console.print_json(json.dumps(facts))
+        return
+    table = Table(show_header=False, box=None)
+    for k, v in facts.items():
+        if k == "parameters":
+            v = f"{v:,} ({v / 1e6:.1f} M)"
+        elif k == "first_start_convert_s":
+            k, v = "first start (GGUF conversion)", "n/a" if v is None else f"{v:.2f} s"
+        elif k == "this_load_s":
+            k, v = "this start", f"{v:.2f} s"
+        elif isinstance(v, list):
+            v = ", ".join(v)
+        table.add_row(f"[bold]{k}[/]", str(v))
+    console.print(table)
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Argument(help="the prompt; '-' reads it from stdin")],
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 256,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 is greedy")] = 0.0,
+    top_k: Annotated[int | None, typer.Option(min=1)] = None,
+    top_p: Annotated[float | None, typer.Option(min=0.0, max=1.0)] = None,
+    seed: Annotated[int | None, typer.Option(help="seed for sampling")] = None,
+    chat: Annotated[bool, typer.Option(help="wrap the prompt in the model's chat template")] = True,
+    system: Annotated[str | None, typer.Option(help="system message (chat mode)")] = None,
+) -> None:
+    """Stream the backbone's answer to PROMPT, token by token."""
+    import torch
+
+    from sieve.backbone import BackboneNotFound, WeightsError
+
+    settings = _settings()
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    if not prompt.strip():
+        raise _fail("the prompt is empty")
+    try:
+        bb = _load(settings)
+    except (BackboneNotFound, WeightsError) as e:
+        raise _fail(str(e)) from None
+    generator = torch.Generator(device=bb.device).manual_seed(seed) if seed is not None else None
+    ids = bb.encode_prompt(prompt, chat=chat, system=system)
+    n, t0 = 0, time.perf_counter()
+    try:
+        tokens = bb.stream_ids(ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                               top_p=top_p, generator=generator)
+
+        def counted():
+            nonlocal n
+            for tok in tokens:
+                n += 1
+                yield tok
+
+        for piece in bb.tokenizer.stream_decode(counted()):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    except ValueError as e:
+        raise _fail(str(e)) from None
+    seconds = time.perf_counter() - t0
+    sys.stdout.write("\n")
+    err.print(f"[dim]{len(ids)} prompt tokens, {n} generated in {seconds:.2f} s "
+              f"({n / seconds if seconds else 0:.1f} tokens/s incl. prefill) on {bb.device}[/]")
+
+
+if __name__ == "__main__":
+    app()

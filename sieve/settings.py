@@ -1,0 +1,40 @@
+"""One typed `Settings` object, read from `SIEVE_*` environment variables once and passed down.
+
+Library code never reads the environment itself: it takes the values it needs as arguments.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SIEVE_", extra="ignore")
+
+    home: Path = Field(Path("~/.cache/sieve"), description="where converted weights, databases and indexes live")
+    backbone: str = Field(
+        "smollm2-135m-instruct",
+        description="a registered backbone name, or a path to a .gguf file or a HF llama/qwen2 safetensors folder",
+    )
+    device: str = Field("auto", description="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: bfloat16 on CUDA, float32 on CPU"
+    )
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads; unset: torch's default")
+    log_level: str = Field("INFO", description="logging level of the sieve loggers")
+
+    @field_validator("home")
+    @classmethod
+    def _expand(cls, v: Path) -> Path:
+        return v.expanduser()
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v not in ("auto", "cpu", "cuda") and not v.startswith("cuda:"):
+            raise ValueError(f"device {v!r} is not auto, cpu, cuda or cuda:N")
+        return v
