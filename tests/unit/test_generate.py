@@ -1,0 +1,109 @@
+"""Generation: greedy/sampling, batching with per-row stop, logits processors, streaming text."""
+
+import pytest
+import torch
+
+from sieve.backbone import generate, sample, stream
+from sieve.backbone.generate import left_pad
+
+from .helpers import random_ids, tiny_model
+
+
+def _greedy_by_recompute(model, prompt, n):
+    ids = list(prompt)
+    for _ in range(n):
+        ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-qwen2"])
+def test_cached_greedy_equals_recomputing_everything(preset):
+    model = tiny_model(preset)
+    prompt = random_ids(1, 9)[0].tolist()
+    assert generate(model, [prompt], max_new_tokens=12) == [_greedy_by_recompute(model, prompt, 12)]
+
+
+def test_batched_prompts_of_different_lengths_equal_alone():
+    model = tiny_model()
+    prompts = [random_ids(1, n, seed=n)[0].tolist() for n in (3, 17, 9, 1)]
+    batched = generate(model, prompts, max_new_tokens=10, pad_id=0)
+    alone = [generate(model, [p], max_new_tokens=10)[0] for p in prompts]
+    assert batched == alone
+
+
+def test_each_row_stops_on_its_own_stop_token():
+    model = tiny_model()
+    prompts = [random_ids(1, 6, seed=s)[0].tolist() for s in (4, 2)]
+    free = generate(model, prompts, max_new_tokens=8)
+    stop = free[0][2]  # row 0's third token; row 1 never emits it
+    assert stop not in free[0][:2] and stop not in free[1]
+    steps = list(stream(model, prompts, max_new_tokens=8, stop_tokens=[stop], pad_id=0))
+    assert generate(model, prompts, max_new_tokens=8, stop_tokens=[stop], pad_id=0) == [free[0][:2], free[1]]
+    assert len(steps) == 8  # row 1 runs to the limit
+    assert steps[2].active[0] and steps[2].finished[0] and int(steps[2].tokens[0]) == stop
+    assert all(not s.active[0] and s.finished[0] for s in steps[3:])  # row 0 emits nothing after its stop
+    assert all(s.active[1] and not s.finished[1] for s in steps)
+
+
+def test_loop_ends_when_all_rows_stop():
+    model = tiny_model()
+    prompt = random_ids(1, 5)[0].tolist()
+    first = generate(model, [prompt], max_new_tokens=1)[0][0]
+    steps = list(stream(model, [prompt, prompt], max_new_tokens=50, stop_tokens=[first]))
+    assert len(steps) == 1 and steps[0].finished.all()
+
+
+def test_logits_processor_constrains_and_sees_generated_tokens():
+    model = tiny_model()
+    seen = []
+    allowed = [11, 22, 33]
+
+    def only_unused_allowed(generated, logits):
+        seen.append(generated.clone())
+        mask = torch.full_like(logits, float("-inf"))
+        for row in range(logits.shape[0]):
+            free = [a for a in allowed if a not in generated[row].tolist()]
+            mask[row, free] = 0
+        return logits + mask
+
+    out = generate(model, [random_ids(1, 4)[0].tolist()] * 2, max_new_tokens=3, logits_processor=only_unused_allowed)
+    for row in out:
+        assert sorted(row) == allowed  # a permutation of the allowed ids: every one, none repeated
+    assert [s.shape[1] for s in seen] == [0, 1, 2]
+
+
+def test_sampling_options():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]] * 4)
+    assert sample(logits).tolist() == [1, 1, 1, 1]
+    g = torch.Generator().manual_seed(0)
+    assert sample(logits, temperature=1.0, top_k=1, generator=g).tolist() == [1, 1, 1, 1]
+    assert sample(logits, temperature=1.0, top_p=0.01, generator=g).tolist() == [1, 1, 1, 1]
+    big = logits.repeat(500, 1)
+    draws = sample(big, temperature=1.0, top_k=2, generator=g)
+    assert set(draws.tolist()) == {1, 3}  # top-2 only, and both appear
+    draws = sample(big, temperature=1.0, top_p=0.9, generator=g)
+    assert set(draws.tolist()) <= {1, 2, 3} and 0 not in draws.tolist()
+    a = sample(big, temperature=0.7, generator=torch.Generator().manual_seed(5))
+    b = sample(big, temperature=0.7, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(a, b)
+
+
+def test_seeded_sampling_generation_is_reproducible():
+    model = tiny_model()
+    prompt = [random_ids(1, 5)[0].tolist()]
+    runs = [generate(model, prompt, max_new_tokens=12, temperature=1.0,
+                     generator=torch.Generator().manual_seed(3)) for _ in range(2)]
+    assert runs[0] == runs[1]
+
+
+def test_left_pad_and_prompt_validation():
+    ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert left_pad([[1, 2], [3, 4]], 0)[1] is None
+    model = tiny_model()
+    with pytest.raises(ValueError, match="at least one token"):
+        generate(model, [[1], []], max_new_tokens=2)
+    with pytest.raises(ValueError, match="context"):
+        generate(model, [[1] * 256], max_new_tokens=2)
+    # a prompt near the limit gets the room that is left, not an error
+    assert len(generate(model, [[1] * 250], max_new_tokens=20)[0]) == 6
