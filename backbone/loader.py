@@ -167,7 +167,8 @@ def _read_cache(folder: Path, device: torch.device, dtype: torch.dtype) -> tuple
             raise CacheCorrupt(f"cache format {manifest.get('format')} != {CACHE_FORMAT}")
         weights = folder / "model.safetensors"
         if weights.stat().st_size != manifest["weights_bytes"]:
-            raise CacheCorrupt(f"{weights} is {weights.stat().st_size} bytes, manifest says {manifest['weights_bytes']}")
+            size, expected = weights.stat().st_size, manifest["weights_bytes"]
+            raise CacheCorrupt(f"{weights} is {size} bytes, manifest says {expected}")
         args = ModelArgs.from_dict(json.loads((folder / "config.json").read_text()))
         state_dict = load_file(str(weights))
     except CacheCorrupt:

@@ -64,7 +64,10 @@ def read_gguf(path: Path) -> tuple[ModelArgs, StateDict]:
         )
 
     permute = args.arch == "llama"
-    sd: dict[str, np.ndarray] = {"tok_embeddings.weight": get("token_embd.weight"), "norm.weight": get("output_norm.weight")}
+    sd: dict[str, np.ndarray] = {
+        "tok_embeddings.weight": get("token_embd.weight"),
+        "norm.weight": get("output_norm.weight"),
+    }
     if not args.tie_embeddings:
         sd["output.weight"] = get("output.weight")
     for i in range(args.n_layers):

@@ -1,7 +1,7 @@
 import pytest
 import torch
-
 from sieve.backbone import load_backbone
+
 from sieve.registry import resolve_backbone
 
 

@@ -2,9 +2,8 @@
 
 import pytest
 import torch
-from torch.testing import assert_close
-
 from sieve.backbone import generate, load_backbone
+from torch.testing import assert_close
 
 pytestmark = pytest.mark.integration
 

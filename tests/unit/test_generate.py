@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from sieve.backbone import generate, sample, stream
 from sieve.backbone.generate import left_pad
 

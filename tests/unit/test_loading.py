@@ -5,11 +5,10 @@ import json
 import numpy as np
 import pytest
 import torch
-from torch.testing import assert_close
-
 from sieve.backbone import BackboneNotFound, WeightsError, load_backbone
 from sieve.backbone.loader import cache_dir_for
 from sieve.backbone.weights import permute_qk, read_gguf, unpermute_qk
+from torch.testing import assert_close
 
 from .helpers import random_ids
 from .tiny_files import write_tiny_gguf, write_word_tokenizer

@@ -2,10 +2,9 @@
 
 import pytest
 import torch
-from torch.testing import assert_close
-
 from sieve.backbone import ATTENTION_MODES, register_attention_mode
 from sieve.backbone.attention import sdpa_attention
+from torch.testing import assert_close
 
 from .helpers import random_ids, tiny_model
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn as nn
 from pydantic import ValidationError
-
 from sieve.backbone import BackboneNotFound, swap_linears
+
 from sieve.registry import resolve_backbone
 from sieve.settings import Settings
 

@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import tokenizers
 import torch
-
 from sieve.backbone import ModelArgs
 from sieve.backbone.weights import permute_qk, sieve_to_hf
 
