@@ -2,9 +2,8 @@
 
 import pytest
 import torch
-from torch.testing import assert_close
-
 from sieve.backbone import generate
+from torch.testing import assert_close
 
 from ..unit.helpers import random_ids, tiny_model
 
@@ -27,6 +26,7 @@ def test_tiny_model_on_cuda_matches_cpu(mode):
 
 def test_smollm2_on_cuda_matches_cpu(tmp_path):
     from sieve.backbone import load_backbone
+
     from sieve.registry import resolve_backbone
 
     path = resolve_backbone("smollm2-135m-instruct")
