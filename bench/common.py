@@ -1,46 +1,14 @@
-"""Shared by every benchmark: the device description, timing, and writing results in DESIGN.md's format."""
+"""Shared by every benchmark: paired timing; devices and the results format come from `sieve.results`."""
 
 from __future__ import annotations
 
-import datetime
-import json
-import os
-import platform
-import shlex
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
+from sieve.results import RESULTS, device_name, git_commit, write_results
 
-
-def device_name(device: str = "cpu") -> str:
-    import torch
-
-    if device.startswith("cuda"):
-        return f"cuda: {torch.cuda.get_device_name(torch.device(device))}"
-    model = platform.processor() or "unknown cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"cpu: {torch.get_num_threads()} threads of {os.cpu_count()} cores ({model})"
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+__all__ = ["RESULTS", "device_name", "git_commit", "timeit_paired", "write_results"]
 
 
 def timeit_paired(fns: dict[str, Callable[[], object]], *, warmup: int = 1, repeat: int = 5,
@@ -59,18 +27,3 @@ def timeit_paired(fns: dict[str, Callable[[], object]], *, warmup: int = 1, repe
             sync()
             times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(ts) for name, ts in times.items()}
-
-
-def write_results(name: str, rows: list[dict], device: str) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"{name}.json"
-    payload = {
-        "name": name,
-        "command": " ".join(shlex.quote(a) for a in ["python", *sys.argv]),
-        "device": device,
-        "git": git_commit(),
-        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "rows": rows,
-    }
-    out.write_text(json.dumps(payload, indent=1) + "\n")
-    return out

@@ -6,6 +6,7 @@ import json
 import logging
 import sys
 import time
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -17,6 +18,10 @@ from sieve.settings import Settings
 
 app = typer.Typer(help="Sieve: embeddings, full ranking and compressed RAG answers from one small LLM backbone.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
+train_app = typer.Typer(help="Train Sieve's models.", no_args_is_help=True)
+eval_app = typer.Typer(help="Evaluate Sieve's models on ../shared/data.", no_args_is_help=True)
+app.add_typer(train_app, name="train")
+app.add_typer(eval_app, name="eval")
 console = Console()
 err = Console(stderr=True)
 
@@ -141,6 +146,66 @@ def generate(
     sys.stdout.write("\n")
     err.print(f"[dim]{len(ids)} prompt tokens, {n} generated in {seconds:.2f} s "
               f"({n / seconds if seconds else 0:.1f} tokens/s incl. prefill) on {bb.device}[/]")
+
+
+@train_app.command("embedder")
+def train_embedder(
+    out: Annotated[Path, typer.Option(help="model folder to write (adapter, config, log, checkpoint)")] = Path(
+        "embedder/models/sieve-embed"),
+    data: Annotated[Path | None, typer.Option(help="the shared data folder (default: SIEVE_DATA_DIR)")] = None,
+    steps: Annotated[int, typer.Option(min=1)] = 90,
+    batch_size: Annotated[int, typer.Option(min=2)] = 16,
+    hard_negatives: Annotated[int, typer.Option(min=0)] = 1,
+    lr: float = 2e-4,
+    lora_r: int = 16,
+    lora_alpha: float = 32.0,
+    temperature: float = 0.05,
+    max_doc_len: int = 160,
+    distill_weight: Annotated[float, typer.Option(help="KL to all-MiniLM-L6-v2's in-batch scores; 0: off")] = 0.0,
+    scifact_weight: Annotated[float, typer.Option(help="share of batches from SciFact train")] = 0.6,
+    medquad_weight: Annotated[float, typer.Option(help="share of batches from MedQuAD")] = 0.4,
+    seed: int = 0,
+) -> None:
+    """Train the sieve-embed LoRA adapter (resumes from OUT/checkpoint.pt), then calibrate int8 ranges."""
+    from sieve.embedder.train import TrainConfig, calibrate_and_save, train
+
+    settings = _settings()
+    data = data or settings.data_path()
+    cfg = TrainConfig(out=out, data_root=data, steps=steps, batch_size=batch_size, hard_negatives=hard_negatives,
+                      lr=lr, lora_r=lora_r, lora_alpha=lora_alpha, temperature=temperature, max_doc_len=max_doc_len,
+                      distill_weight=distill_weight, seed=seed,
+                      sources={k: v for k, v in {"scifact-train": scifact_weight, "medquad": medquad_weight}.items()
+                               if v > 0})
+    summary = train(cfg, home=settings.home / "cache", device=settings.device)
+    calibrate_and_save(out, data, home=settings.home / "cache")
+    console.print_json(json.dumps({k: v for k, v in summary.items() if k != "config"}))
+
+
+@eval_app.command("embedder")
+def eval_embedder(
+    dataset: Annotated[list[str], typer.Option(help="scifact, trec-dl-2019, cranfield, cisi, ... (repeatable)")],
+    systems: Annotated[list[str] | None, typer.Option(
+        "--system", help="sieve-embed, all-minilm-l6-v2, bm25, or a path (repeatable; default: all three)")] = None,
+    data: Annotated[Path | None, typer.Option(help="the shared data folder (default: SIEVE_DATA_DIR)")] = None,
+    split: str = "test",
+    max_doc_tokens: Annotated[int, typer.Option(help="document truncation for embedders")] = 512,
+    name: Annotated[str, typer.Option(help="results file bench/results/NAME.json")] = "embedder-eval",
+) -> None:
+    """nDCG@10 / recall@100 / MRR@10 (ranx) of embedders and BM25 on BEIR-style sets; JSON to bench/results/."""
+    from sieve.embedder.eval import evaluate, write_eval
+
+    settings = _settings()
+    systems = systems or ["sieve-embed", "all-minilm-l6-v2", "bm25"]
+    rows = evaluate(systems, dataset, data_root=data or settings.data_path(), split=split, home=settings.home / "cache",
+                    device=settings.device, dtype=settings.dtype, max_doc_tokens=max_doc_tokens, console=err)
+    table = Table(title="retrieval quality")
+    for col in ("system", "dataset", "ndcg@10", "recall@100", "mrr@10", "seconds"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["system"], r["dataset"], f"{r['ndcg@10']:.4f}", f"{r['recall@100']:.4f}",
+                      f"{r['mrr@10']:.4f}", f"{r['seconds']:.0f}")
+    console.print(table)
+    console.print(f"wrote {write_eval(name, rows)}")
 
 
 if __name__ == "__main__":

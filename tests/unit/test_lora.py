@@ -1,0 +1,43 @@
+"""A trained LoRA adapter merged at load gives the same outputs as the peft-wrapped model it came from."""
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from sieve.backbone import load_backbone
+from sieve.embedder import load_embedder
+from sieve.embedder.model_dir import ADAPTER, LORA_TARGETS, EmbedderConfig
+from sieve.embedder.train import _embed, lora_state
+
+from .tiny_files import write_tiny_gguf
+
+
+def test_saved_adapter_merges_to_the_trained_model(tmp_path):
+    from peft import LoraConfig, inject_adapter_in_model
+
+    gguf = tmp_path / "tiny.gguf"
+    write_tiny_gguf(gguf)
+    home = tmp_path / "home"
+    trained = load_backbone(gguf, home=home, device="cpu", dtype="float32")
+    model = inject_adapter_in_model(LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS), trained.model)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)  # peft starts B at zero; make the adapter do something
+    adapter = lora_state(model)
+    assert len(adapter) == 2 * 4 * trained.args.n_layers
+    folder = tmp_path / "emb"
+    folder.mkdir()
+    save_file(adapter, str(folder / ADAPTER))
+    EmbedderConfig(backbone=str(gguf), lora_r=4, lora_alpha=8, max_length=64, query_instruction="Q: ").save(folder)
+
+    emb = load_embedder(folder, home=home, device="cpu", dtype="float32")
+    texts = ["hello world", "a longer text about the world"]
+    from sieve.embedder import LLMEncoder
+
+    with torch.no_grad():
+        want = _embed(LLMEncoder(trained, name="t", max_length=64), texts, "Q: ", 64, "mean")
+    got = emb.encode_queries(texts, normalize=False)
+    np.testing.assert_allclose(got, want.numpy(), atol=1e-4, rtol=1e-4)
+    base = load_backbone(gguf, home=home, device="cpu", dtype="float32")  # the cache itself is untouched
+    ids = torch.tensor([[5, 6, 7]])
+    assert not torch.allclose(base.model(ids).logits, emb.encoder.backbone.model(ids).logits)
