@@ -86,7 +86,11 @@ def evaluate(systems: list[str], datasets: list[str], *, data_root: Path, split:
                 run = bm25_run(ds)
             else:
                 if system not in loaded:
-                    loaded[system] = load_embedder(resolve_embedder(system), home=home, device=device, dtype=dtype)
+                    folder = resolve_embedder(system)
+                    # `dtype` is for LLM embedders; small sentence-transformers baselines run in their float32
+                    st = (folder / "modules.json").is_file() and not (folder / "embedder.json").is_file()
+                    loaded[system] = load_embedder(folder, home=home, device=device,
+                                                   dtype="float32" if st else dtype)
                     loaded[system].encoder.max_length = min(loaded[system].encoder.max_length, max_doc_tokens)
                 run = dense_run(loaded[system], ds, console=console)
             metrics = score(ds, run)
@@ -95,11 +99,16 @@ def evaluate(systems: list[str], datasets: list[str], *, data_root: Path, split:
                    "seconds": round(time.perf_counter() - t0, 1)}
             if system != "bm25":
                 row["max_doc_tokens"] = loaded[system].encoder.max_length
-                row["dtype"] = dtype
+                row["dtype"] = str(_dtype_of(loaded[system])).removeprefix("torch.")
             rows.append(row)
             if console is not None:
                 console.print(row)
     return rows
+
+
+def _dtype_of(embedder):
+    enc = embedder.encoder
+    return enc.backbone.dtype if hasattr(enc, "backbone") else next(enc.model.parameters()).dtype
 
 
 def write_eval(name: str, rows: list[dict]) -> Path:

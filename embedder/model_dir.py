@@ -21,6 +21,8 @@ import torch
 import torch.nn as nn
 from sieve.backbone import load_backbone
 
+from sieve.registry import resolve_backbone
+
 from .embedder import Embedder
 from .encoders import LLMEncoder, SentenceTransformerEncoder
 
@@ -71,8 +73,7 @@ def merge_lora(model: nn.Module, adapter: dict[str, torch.Tensor], scale: float)
     return merged
 
 
-def load_embedder(folder: str | Path, *, home: str | Path, device: str = "auto", dtype: str = "auto",
-                  resolve_backbone=None) -> Embedder:
+def load_embedder(folder: str | Path, *, home: str | Path, device: str = "auto", dtype: str = "auto") -> Embedder:
     """Load an embedder folder (Sieve LLM embedder or sentence-transformers model)."""
     from safetensors.torch import load_file
     from sieve.backbone.loader import resolve_device, resolve_dtype
@@ -86,8 +87,6 @@ def load_embedder(folder: str | Path, *, home: str | Path, device: str = "auto",
         raise FileNotFoundError(f"no embedder at {folder}: expected {CONFIG} (Sieve) or modules.json "
                                 "(sentence-transformers)")
     cfg = EmbedderConfig.load(folder)
-    if resolve_backbone is None:
-        from sieve.registry import resolve_backbone
     backbone = load_backbone(resolve_backbone(cfg.backbone), home=home, device=device, dtype=dtype)
     if cfg.lora_r:
         merge_lora(backbone.model, load_file(str(folder / ADAPTER)), cfg.lora_alpha / cfg.lora_r)

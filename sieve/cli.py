@@ -148,6 +148,34 @@ def generate(
               f"({n / seconds if seconds else 0:.1f} tokens/s incl. prefill) on {bb.device}[/]")
 
 
+@app.command()
+def embed(
+    texts: Annotated[list[str], typer.Argument(help="texts to embed")],
+    model: Annotated[str, typer.Option(help="sieve-embed, all-minilm-l6-v2, or a model folder")] = "sieve-embed",
+    query: Annotated[bool, typer.Option("--query", help="use the model's query instruction")] = False,
+    instruction: Annotated[str | None, typer.Option(help="a custom instruction (overrides --query)")] = None,
+    pooling: Annotated[str | None, typer.Option(help="mean, last, weighted_mean (default: the model's)")] = None,
+    dim: Annotated[int | None, typer.Option(help="Matryoshka size")] = None,
+    precision: Annotated[str, typer.Option(help="float32, int8, binary")] = "float32",
+    no_truncate: Annotated[bool, typer.Option("--no-truncate", help="refuse texts over the limit")] = False,
+) -> None:
+    """Embed TEXTS and print one JSON object: the vectors, their shape and dtype."""
+    from sieve.embedder import InputTooLong, load_embedder
+    from sieve.registry import resolve_embedder
+
+    settings = _settings()
+    try:
+        emb = load_embedder(resolve_embedder(model), home=settings.home / "cache", device=settings.device,
+                            dtype=settings.dtype)
+        instr = instruction if instruction is not None else (emb.query_instruction if query else None)
+        vecs = emb.encode(texts, instruction=instr, pooling=pooling, dim=dim, precision=precision,
+                          truncate=not no_truncate)
+    except (FileNotFoundError, InputTooLong, ValueError) as e:
+        raise _fail(str(e)) from None
+    console.print_json(json.dumps({"model": emb.name, "shape": list(vecs.shape), "dtype": str(vecs.dtype),
+                                   "vectors": vecs.tolist()}))
+
+
 @train_app.command("embedder")
 def train_embedder(
     out: Annotated[Path, typer.Option(help="model folder to write (adapter, config, log, checkpoint)")] = Path(
@@ -189,6 +217,8 @@ def eval_embedder(
     data: Annotated[Path | None, typer.Option(help="the shared data folder (default: SIEVE_DATA_DIR)")] = None,
     split: str = "test",
     max_doc_tokens: Annotated[int, typer.Option(help="document truncation for embedders")] = 512,
+    dtype: Annotated[str | None, typer.Option(help="dtype of LLM embedders (default SIEVE_DTYPE); "
+                                              "sentence-transformers baselines run in float32")] = None,
     name: Annotated[str, typer.Option(help="results file bench/results/NAME.json")] = "embedder-eval",
 ) -> None:
     """nDCG@10 / recall@100 / MRR@10 (ranx) of embedders and BM25 on BEIR-style sets; JSON to bench/results/."""
@@ -197,7 +227,7 @@ def eval_embedder(
     settings = _settings()
     systems = systems or ["sieve-embed", "all-minilm-l6-v2", "bm25"]
     rows = evaluate(systems, dataset, data_root=data or settings.data_path(), split=split, home=settings.home / "cache",
-                    device=settings.device, dtype=settings.dtype, max_doc_tokens=max_doc_tokens, console=err)
+                    device=settings.device, dtype=dtype or settings.dtype, max_doc_tokens=max_doc_tokens, console=err)
     table = Table(title="retrieval quality")
     for col in ("system", "dataset", "ndcg@10", "recall@100", "mrr@10", "seconds"):
         table.add_column(col)
