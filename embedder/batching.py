@@ -1,6 +1,22 @@
-"""Length-sorted batching by a token budget: similar lengths together, at most `budget` padded tokens a batch."""
+"""Length-sorted batching by a token budget (similar lengths together, at most `budget` padded tokens a batch),
+and collation of prepared inputs into right-padded tensors."""
 
 from __future__ import annotations
+
+import torch
+
+
+def collate(items: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, ...]:
+    """[(ids, pool_flags)] -> ids [B, T], attention mask [B, T], pool mask [B, T], right-padded."""
+    width = max(len(ids) for ids, _ in items)
+    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(items), width), dtype=torch.long)
+    pool_mask = torch.zeros((len(items), width), dtype=torch.long)
+    for row, (tok, flags) in enumerate(items):
+        ids[row, : len(tok)] = torch.tensor(tok)
+        mask[row, : len(tok)] = 1
+        pool_mask[row, : len(tok)] = torch.tensor(flags)
+    return ids, mask, pool_mask
 
 
 def token_budget_batches(lengths: list[int], budget: int, max_batch: int = 256) -> list[list[int]]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .batching import token_budget_batches
+from .batching import collate, token_budget_batches
 from .encoders import Encoder
 from .pooling import POOLING_MODES, pool
 from .precision import PRECISIONS, Int8Ranges, to_binary
@@ -114,15 +114,7 @@ class Embedder:
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         device = self.encoder.device
         for batch in token_budget_batches([len(ids) for ids, _ in items], self.batch_tokens):
-            width = max(len(items[i][0]) for i in batch)
-            ids = torch.full((len(batch), width), self.encoder.pad_id, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            pool_mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, i in enumerate(batch):
-                tok, flags = items[i]
-                ids[row, : len(tok)] = torch.tensor(tok)
-                mask[row, : len(tok)] = 1
-                pool_mask[row, : len(tok)] = torch.tensor(flags)
+            ids, mask, pool_mask = collate([items[i] for i in batch], self.encoder.pad_id)
             hidden = self.encoder.forward(ids.to(device), mask.to(device))
             pooled = self.encoder.project(pool(hidden.float(), pool_mask.to(device), pooling))
             out[batch] = pooled.float().cpu().numpy()

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .batching import collate
 from .data import Pair, medquad_pairs, scifact_train_pairs
 from .encoders import LLMEncoder
 from .model_dir import ADAPTER, LORA_TARGETS, EmbedderConfig, save_calibration
@@ -193,12 +194,7 @@ def _embed(encoder: LLMEncoder, texts: list[str], instruction: str, max_len: int
     items = [encoder.prepare(t, instruction, truncate=True) for t in texts]
     items = [(ids[: max_len - 1] + ids[-1:], flags[: max_len - 1] + flags[-1:]) if len(ids) > max_len else
              (ids, flags) for ids, flags in items]  # keep the end token when cutting for training speed
-    width = max(len(ids) for ids, _ in items)
-    ids = torch.full((len(items), width), encoder.pad_id, dtype=torch.long)
-    mask = torch.zeros((len(items), width), dtype=torch.long)
-    pmask = torch.zeros((len(items), width), dtype=torch.long)
-    for i, (tok, flags) in enumerate(items):
-        ids[i, : len(tok)], mask[i, : len(tok)], pmask[i, : len(tok)] = torch.tensor(tok), 1, torch.tensor(flags)
+    ids, mask, pmask = collate(items, encoder.pad_id)
     dev = encoder.device
     hidden = encoder.forward(ids.to(dev), mask.to(dev))
     return pool(hidden.float(), pmask.to(dev), pooling)
