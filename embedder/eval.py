@@ -6,6 +6,7 @@ over those candidates, as the data's INDEX says; the BM25 row there is the shipp
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -71,12 +72,12 @@ def score(ds: RetrievalSet, run: dict[str, dict[str, float]]) -> dict[str, float
 
 
 def evaluate(systems: list[str], datasets: list[str], *, data_root: Path, split: str, home: Path, device: str,
-             dtype: str, max_doc_tokens: int, console=None) -> list[dict]:
+             dtype: str, max_doc_tokens: int, console=None) -> Iterator[dict]:
+    """One result row per (dataset, system), yielded as soon as it is measured."""
     from sieve.registry import resolve_embedder
 
     from .model_dir import load_embedder
 
-    rows = []
     loaded = {}
     for name in datasets:
         ds = load_retrieval_set(data_root, name, split)
@@ -100,10 +101,9 @@ def evaluate(systems: list[str], datasets: list[str], *, data_root: Path, split:
             if system != "bm25":
                 row["max_doc_tokens"] = loaded[system].encoder.max_length
                 row["dtype"] = str(_dtype_of(loaded[system])).removeprefix("torch.")
-            rows.append(row)
             if console is not None:
                 console.print(row)
-    return rows
+            yield row
 
 
 def _dtype_of(embedder):

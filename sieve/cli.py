@@ -226,8 +226,12 @@ def eval_embedder(
 
     settings = _settings()
     systems = systems or ["sieve-embed", "all-minilm-l6-v2", "bm25"]
-    rows = evaluate(systems, dataset, data_root=data or settings.data_path(), split=split, home=settings.home / "cache",
-                    device=settings.device, dtype=dtype or settings.dtype, max_doc_tokens=max_doc_tokens, console=err)
+    rows = []
+    for row in evaluate(systems, dataset, data_root=data or settings.data_path(), split=split,
+                        home=settings.home / "cache", device=settings.device, dtype=dtype or settings.dtype,
+                        max_doc_tokens=max_doc_tokens, console=err):
+        rows.append(row)
+        out = write_eval(name, rows)  # after every row: a long run never loses what it measured
     table = Table(title="retrieval quality")
     for col in ("system", "dataset", "ndcg@10", "recall@100", "mrr@10", "seconds"):
         table.add_column(col)
@@ -235,7 +239,7 @@ def eval_embedder(
         table.add_row(r["system"], r["dataset"], f"{r['ndcg@10']:.4f}", f"{r['recall@100']:.4f}",
                       f"{r['mrr@10']:.4f}", f"{r['seconds']:.0f}")
     console.print(table)
-    console.print(f"wrote {write_eval(name, rows)}")
+    console.print(f"wrote {out}")
 
 
 if __name__ == "__main__":
