@@ -20,8 +20,10 @@ app = typer.Typer(help="Sieve: embeddings, full ranking and compressed RAG answe
                   no_args_is_help=True, pretty_exceptions_enable=False)
 train_app = typer.Typer(help="Train Sieve's models.", no_args_is_help=True)
 eval_app = typer.Typer(help="Evaluate Sieve's models on ../shared/data.", no_args_is_help=True)
+db_app = typer.Typer(help="The SQL store: migrations.", no_args_is_help=True)
 app.add_typer(train_app, name="train")
 app.add_typer(eval_app, name="eval")
+app.add_typer(db_app, name="db")
 console = Console()
 err = Console(stderr=True)
 
@@ -174,6 +176,25 @@ def embed(
         raise _fail(str(e)) from None
     console.print_json(json.dumps({"model": emb.name, "shape": list(vecs.shape), "dtype": str(vecs.dtype),
                                    "vectors": vecs.tolist()}))
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Run Alembic migrations up to the newest on SIEVE_DATABASE_URL (default: SQLite under SIEVE_HOME)."""
+    from sieve.store.migrate import current, upgrade
+
+    url = _settings().resolved_database_url()
+    upgrade(url)
+    console.print(f"database {url} at revision {current(url)}")
+
+
+@db_app.command("current")
+def db_current() -> None:
+    """Print the database's migration revision."""
+    from sieve.store.migrate import current
+
+    url = _settings().resolved_database_url()
+    console.print(f"database {url} at revision {current(url) or 'none (run sieve db upgrade)'}")
 
 
 @train_app.command("embedder")

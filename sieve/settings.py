@@ -29,6 +29,18 @@ class Settings(BaseSettings):
     data_dir: Path | None = Field(
         None, description="the shared evaluation/training data; unset: ../shared/data beside the checkout, "
         "else /work/shared/data")
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL of the store, e.g. postgresql+psycopg://user@host:5432/sieve; "
+        "unset: the SQLite file <home>/sieve.db")
+    index_dir: Path | None = Field(None, description="where FAISS index snapshots live; unset: <home>/indexes")
+
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{self.home / 'sieve.db'}"
+
+    def index_path(self) -> Path:
+        return self.index_dir.expanduser() if self.index_dir is not None else self.home / "indexes"
 
     def data_path(self) -> Path:
         if self.data_dir is not None:

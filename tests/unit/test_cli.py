@@ -47,3 +47,14 @@ def test_bad_inputs_give_one_clear_error(tiny_env, tmp_path):
     assert out.returncode == 1 and str(missing) in out.stderr.replace("\n", "") and "Traceback" not in out.stderr
     out = run_cli("generate", "  ", env=tiny_env)
     assert out.returncode == 1 and "empty" in out.stderr
+
+
+def test_db_upgrade_then_current(tmp_path):
+    env = {"SIEVE_HOME": str(tmp_path), "COLUMNS": "200"}
+    before = run_cli("db", "current", env=env)
+    assert before.returncode == 0 and "none" in before.stdout
+    up = run_cli("db", "upgrade", env=env)
+    assert up.returncode == 0, up.stderr
+    assert (tmp_path / "sieve.db").is_file()
+    after = run_cli("db", "current", env=env)
+    assert "0001" in after.stdout and "none" not in after.stdout
