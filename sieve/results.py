@@ -40,12 +40,19 @@ def git_commit() -> str:
         return "unknown"
 
 
+def command_line() -> str:
+    """What the user ran: `python bench/x.py ...` for scripts, `sieve ...` for the CLI entry point."""
+    argv0 = sys.argv[0]
+    head = ["python", os.path.relpath(argv0)] if argv0.endswith(".py") else [os.path.basename(argv0)]
+    return " ".join(shlex.quote(a) for a in [*head, *sys.argv[1:]])
+
+
 def write_results(name: str, rows: list[dict], device: str) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"{name}.json"
     payload = {
         "name": name,
-        "command": " ".join(shlex.quote(a) for a in ["python", *sys.argv]),
+        "command": command_line(),
         "device": device,
         "git": git_commit(),
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
