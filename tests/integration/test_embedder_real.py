@@ -49,3 +49,18 @@ def test_training_runs_resumes_and_loads(tmp_path, sieve_home, data_root, smollm
     assert vecs.shape == (2, 576) and vecs.dtype == np.int8
     float_vecs = emb.encode_documents(["some abstract text", "another"])
     np.testing.assert_allclose(np.linalg.norm(float_vecs, axis=1), 1.0, atol=1e-5)
+
+
+def test_shipped_sieve_embed_loads_ranks_and_quantizes(sieve_home, smollm2):
+    emb = load_embedder(resolve_embedder("sieve-embed"), home=sieve_home, device="cpu", dtype="float32")
+    assert emb.dim == 576 and emb.query_instruction and emb.calibration is not None
+    docs = ["Aspirin lowers the risk of myocardial infarction in men over 50.",
+            "The Eiffel tower was completed in 1889 for the World's Fair in Paris.",
+            "Python is a programming language with dynamic typing."]
+    q = emb.encode_queries(["Does aspirin prevent heart attacks?"])
+    d = emb.encode_documents(docs)
+    assert int(np.argmax(d @ q[0])) == 0
+    codes = emb.encode_documents(docs, precision="int8")
+    from sieve.embedder import rescore
+
+    np.testing.assert_allclose(rescore(q, codes, "int8", ranges=emb.int8_ranges()), q @ d.T, atol=0.03)
