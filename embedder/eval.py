@@ -76,7 +76,7 @@ def evaluate(systems: list[str], datasets: list[str], *, data_root: Path, split:
     """One result row per (dataset, system), yielded as soon as it is measured."""
     from sieve.registry import resolve_embedder
 
-    from .model_dir import load_embedder
+    from .model_dir import is_sentence_transformers, load_embedder
 
     loaded = {}
     for name in datasets:
@@ -89,9 +89,8 @@ def evaluate(systems: list[str], datasets: list[str], *, data_root: Path, split:
                 if system not in loaded:
                     folder = resolve_embedder(system)
                     # `dtype` is for LLM embedders; small sentence-transformers baselines run in their float32
-                    st = (folder / "modules.json").is_file() and not (folder / "embedder.json").is_file()
                     loaded[system] = load_embedder(folder, home=home, device=device,
-                                                   dtype="float32" if st else dtype)
+                                                   dtype="float32" if is_sentence_transformers(folder) else dtype)
                     loaded[system].encoder.max_length = min(loaded[system].encoder.max_length, max_doc_tokens)
                 run = dense_run(loaded[system], ds, console=console)
             metrics = score(ds, run)

@@ -73,13 +73,18 @@ def merge_lora(model: nn.Module, adapter: dict[str, torch.Tensor], scale: float)
     return merged
 
 
+def is_sentence_transformers(folder: Path) -> bool:
+    """A sentence-transformers model folder (and not a Sieve embedder folder)."""
+    return (folder / "modules.json").is_file() and not (folder / CONFIG).is_file()
+
+
 def load_embedder(folder: str | Path, *, home: str | Path, device: str = "auto", dtype: str = "auto") -> Embedder:
     """Load an embedder folder (Sieve LLM embedder or sentence-transformers model)."""
     from safetensors.torch import load_file
     from sieve.backbone.loader import resolve_device, resolve_dtype
 
     folder = Path(folder).expanduser()
-    if (folder / "modules.json").is_file() and not (folder / CONFIG).is_file():
+    if is_sentence_transformers(folder):
         dev = resolve_device(device)
         encoder = SentenceTransformerEncoder(folder, device=dev, dtype=resolve_dtype(dtype, dev))
         return Embedder(encoder)

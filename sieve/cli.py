@@ -40,12 +40,16 @@ def _settings() -> Settings:
 
 
 def _load(settings: Settings):
-    from sieve.backbone import load_backbone
+    """The configured backbone; a missing or unreadable model ends the command with one clear error."""
+    from sieve.backbone import BackboneNotFound, WeightsError, load_backbone
     from sieve.registry import resolve_backbone
 
-    source = resolve_backbone(settings.backbone)
-    with err.status(f"loading backbone from {source} ..."):
-        return load_backbone(source, home=settings.home / "cache", device=settings.device, dtype=settings.dtype)
+    try:
+        source = resolve_backbone(settings.backbone)
+        with err.status(f"loading backbone from {source} ..."):
+            return load_backbone(source, home=settings.home / "cache", device=settings.device, dtype=settings.dtype)
+    except (BackboneNotFound, WeightsError) as e:
+        raise _fail(str(e)) from None
 
 
 def _fail(message: str) -> typer.Exit:
@@ -58,13 +62,10 @@ def info(as_json: Annotated[bool, typer.Option("--json", help="print one JSON ob
     """Show the backbone in use: size, device, dtype, cache, and how long loading took."""
     import torch
 
-    from sieve.backbone import ATTENTION_MODES, BackboneNotFound, WeightsError
+    from sieve.backbone import ATTENTION_MODES
 
     settings = _settings()
-    try:
-        bb = _load(settings)
-    except (BackboneNotFound, WeightsError) as e:
-        raise _fail(str(e)) from None
+    bb = _load(settings)
     a = bb.args
     facts = {
         "backbone": settings.backbone,
@@ -115,17 +116,12 @@ def generate(
     """Stream the backbone's answer to PROMPT, token by token."""
     import torch
 
-    from sieve.backbone import BackboneNotFound, WeightsError
-
     settings = _settings()
     if prompt == "-":
         prompt = sys.stdin.read()
     if not prompt.strip():
         raise _fail("the prompt is empty")
-    try:
-        bb = _load(settings)
-    except (BackboneNotFound, WeightsError) as e:
-        raise _fail(str(e)) from None
+    bb = _load(settings)
     generator = torch.Generator(device=bb.device).manual_seed(seed) if seed is not None else None
     ids = bb.encode_prompt(prompt, chat=chat, system=system)
     n, t0 = 0, time.perf_counter()
