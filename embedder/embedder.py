@@ -68,6 +68,10 @@ class Embedder:
         raw = self._pooled(list(texts), instruction or "", pooling, truncate)
         return self._finish(raw, dim, normalize, precision)
 
+    def token_spans(self, text: str) -> list[tuple[int, int]]:
+        """(start, end) character offsets of `text`'s tokens in this model's tokenizer (for token-based chunking)."""
+        return self.encoder.token_spans(text)
+
     def encode_queries(self, texts: list[str], **kwargs) -> np.ndarray:
         return self.encode(texts, instruction=self.query_instruction, **kwargs)
 

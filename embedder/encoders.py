@@ -28,6 +28,8 @@ class Encoder(Protocol):
 
     def prepare(self, text: str, instruction: str, truncate: bool) -> tuple[list[int], list[int]]: ...
 
+    def token_spans(self, text: str) -> list[tuple[int, int]]: ...
+
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor: ...
 
     def project(self, pooled: torch.Tensor) -> torch.Tensor: ...
@@ -69,6 +71,10 @@ class LLMEncoder:
         body = _fit(instr, tok.encode(text), self.max_length, len(self.eos), truncate)
         ids = instr + body + self.eos
         return ids, [0] * len(instr) + [1] * (len(body) + len(self.eos))
+
+    def token_spans(self, text: str) -> list[tuple[int, int]]:
+        """(start, end) character offsets of each of the text's tokens, as `prepare` tokenizes it."""
+        return list(self.backbone.tokenizer.tok.encode(text, add_special_tokens=False).offsets)
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         out = self.backbone.model(ids, attention_mask=mask, mode="bidirectional", return_logits=False)
@@ -112,6 +118,11 @@ class SentenceTransformerEncoder:
                     self.max_length, 2, truncate)
         ids = [self.tokenizer.cls_token_id, *instr, *body, self.tokenizer.sep_token_id]
         return ids, [1] + [0] * len(instr) + [1] * (len(body) + 1)
+
+    def token_spans(self, text: str) -> list[tuple[int, int]]:
+        """(start, end) character offsets of each of the text's tokens, as `prepare` tokenizes it."""
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+        return [tuple(span) for span in enc["offset_mapping"]]
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=ids, attention_mask=mask).last_hidden_state

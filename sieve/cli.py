@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import json
-import logging
 import sys
 import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.logging import RichHandler
 from rich.table import Table
 
-from sieve.settings import Settings
+from sieve import cli_index
+from sieve.cli_common import cli_settings, console, err, fail, load_backbone_or_exit
 
 app = typer.Typer(help="Sieve: embeddings, full ranking and compressed RAG answers from one small LLM backbone.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -24,39 +22,6 @@ db_app = typer.Typer(help="The SQL store: migrations.", no_args_is_help=True)
 app.add_typer(train_app, name="train")
 app.add_typer(eval_app, name="eval")
 app.add_typer(db_app, name="db")
-console = Console()
-err = Console(stderr=True)
-
-
-def _settings() -> Settings:
-    settings = Settings()
-    logging.basicConfig(level=settings.log_level, format="%(message)s",
-                        handlers=[RichHandler(console=err, show_path=False)])
-    if settings.threads:
-        import torch
-
-        torch.set_num_threads(settings.threads)
-    return settings
-
-
-def _load(settings: Settings):
-    """The configured backbone; a missing or unreadable model ends the command with one clear error."""
-    from sieve.backbone import BackboneNotFound, WeightsError, load_backbone
-    from sieve.registry import resolve_backbone
-
-    try:
-        source = resolve_backbone(settings.backbone)
-        with err.status(f"loading backbone from {source} ..."):
-            return load_backbone(source, home=settings.home / "cache", device=settings.device, dtype=settings.dtype)
-    except (BackboneNotFound, WeightsError) as e:
-        raise _fail(str(e)) from None
-
-
-def _fail(message: str) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {message}")
-    return typer.Exit(code=1)
-
-
 @app.command()
 def info(as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False) -> None:
     """Show the backbone in use: size, device, dtype, cache, and how long loading took."""
@@ -64,8 +29,8 @@ def info(as_json: Annotated[bool, typer.Option("--json", help="print one JSON ob
 
     from sieve.backbone import ATTENTION_MODES
 
-    settings = _settings()
-    bb = _load(settings)
+    settings = cli_settings()
+    bb = load_backbone_or_exit(settings)
     a = bb.args
     facts = {
         "backbone": settings.backbone,
@@ -116,12 +81,12 @@ def generate(
     """Stream the backbone's answer to PROMPT, token by token."""
     import torch
 
-    settings = _settings()
+    settings = cli_settings()
     if prompt == "-":
         prompt = sys.stdin.read()
     if not prompt.strip():
-        raise _fail("the prompt is empty")
-    bb = _load(settings)
+        raise fail("the prompt is empty")
+    bb = load_backbone_or_exit(settings)
     generator = torch.Generator(device=bb.device).manual_seed(seed) if seed is not None else None
     ids = bb.encode_prompt(prompt, chat=chat, system=system)
     n, t0 = 0, time.perf_counter()
@@ -139,7 +104,7 @@ def generate(
             sys.stdout.write(piece)
             sys.stdout.flush()
     except ValueError as e:
-        raise _fail(str(e)) from None
+        raise fail(str(e)) from None
     seconds = time.perf_counter() - t0
     sys.stdout.write("\n")
     err.print(f"[dim]{len(ids)} prompt tokens, {n} generated in {seconds:.2f} s "
@@ -161,7 +126,7 @@ def embed(
     from sieve.embedder import InputTooLong, load_embedder
     from sieve.registry import resolve_embedder
 
-    settings = _settings()
+    settings = cli_settings()
     try:
         emb = load_embedder(resolve_embedder(model), home=settings.home / "cache", device=settings.device,
                             dtype=settings.dtype)
@@ -169,7 +134,7 @@ def embed(
         vecs = emb.encode(texts, instruction=instr, pooling=pooling, dim=dim, precision=precision,
                           truncate=not no_truncate)
     except (FileNotFoundError, InputTooLong, ValueError) as e:
-        raise _fail(str(e)) from None
+        raise fail(str(e)) from None
     console.print_json(json.dumps({"model": emb.name, "shape": list(vecs.shape), "dtype": str(vecs.dtype),
                                    "vectors": vecs.tolist()}))
 
@@ -179,7 +144,7 @@ def db_upgrade() -> None:
     """Run Alembic migrations up to the newest on SIEVE_DATABASE_URL (default: SQLite under SIEVE_HOME)."""
     from sieve.store.migrate import current, upgrade
 
-    url = _settings().resolved_database_url()
+    url = cli_settings().resolved_database_url()
     upgrade(url)
     console.print(f"database {url} at revision {current(url)}")
 
@@ -189,7 +154,7 @@ def db_current() -> None:
     """Print the database's migration revision."""
     from sieve.store.migrate import current
 
-    url = _settings().resolved_database_url()
+    url = cli_settings().resolved_database_url()
     console.print(f"database {url} at revision {current(url) or 'none (run sieve db upgrade)'}")
 
 
@@ -214,7 +179,7 @@ def train_embedder(
     """Train the sieve-embed LoRA adapter (resumes from OUT/checkpoint.pt), then calibrate int8 ranges."""
     from sieve.embedder.train import TrainConfig, calibrate_and_save, train
 
-    settings = _settings()
+    settings = cli_settings()
     data = data or settings.data_path()
     cfg = TrainConfig(out=out, data_root=data, steps=steps, batch_size=batch_size, hard_negatives=hard_negatives,
                       lr=lr, lora_r=lora_r, lora_alpha=lora_alpha, temperature=temperature, max_doc_len=max_doc_len,
@@ -241,7 +206,7 @@ def eval_embedder(
     """nDCG@10 / recall@100 / MRR@10 (ranx) of embedders and BM25 on BEIR-style sets; JSON to bench/results/."""
     from sieve.embedder.eval import evaluate, write_eval
 
-    settings = _settings()
+    settings = cli_settings()
     systems = systems or ["sieve-embed", "all-minilm-l6-v2", "bm25"]
     rows = []
     for row in evaluate(systems, dataset, data_root=data or settings.data_path(), split=split,
@@ -261,3 +226,6 @@ def eval_embedder(
 
 if __name__ == "__main__":
     app()
+
+
+cli_index.register(app)

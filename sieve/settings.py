@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -33,11 +33,52 @@ class Settings(BaseSettings):
         None, description="SQLAlchemy URL of the store, e.g. postgresql+psycopg://user@host:5432/sieve; "
         "unset: the SQLite file <home>/sieve.db")
     index_dir: Path | None = Field(None, description="where FAISS index snapshots live; unset: <home>/indexes")
+    # -- indexing (sieve.workers) --
+    broker_url: str | None = Field(
+        None, description="Celery broker: redis://127.0.0.1:6379/0 or amqp://guest:guest@127.0.0.1:5672//; "
+        "unset: an SQLite file under <home> through Celery's SQLAlchemy transport (no server)")
+    embedder: str = Field("sieve-embed", description="embedder of new collections and of `sieve embed`")
+    chunk_tokens: int = Field(256, ge=8, description="chunk length in the embedder's tokens")
+    chunk_overlap: int = Field(32, ge=0, description="tokens shared by consecutive chunks of a document")
+    batch_documents: int = Field(32, ge=1, description="documents per unit of work a worker claims")
+    job_lease_s: float = Field(
+        300.0, gt=0, description="seconds a worker holds a claimed batch before another may take it over "
+        "(a worker that dies on this host is noticed at once; on another host after the lease)")
+    worker_fanout: int = Field(8, ge=1, description="task messages sent per job (how many workers can share it)")
+    # -- serving (sieve.service) --
+    grpc_host: str = Field("127.0.0.1", description="address the gRPC server binds; 0.0.0.0 to serve other hosts")
+    grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0: any free port")
+    metrics_port: int | None = Field(
+        9464, ge=0, le=65535, description="Prometheus /metrics HTTP port (on grpc_host); 0: any free port; "
+        "unset (SIEVE_METRICS_PORT=null): no metrics endpoint")
+    admin_key: SecretStr | None = Field(
+        None, description="a bootstrap API key with every scope. Auth is off only while this is unset and no key "
+        "was ever created (`sieve keys create`): the local embedded default")
+    tls_cert: Path | None = Field(None, description="PEM certificate chain; with tls_key, the server speaks TLS only")
+    tls_key: Path | None = Field(None, description="PEM private key of tls_cert")
+    max_batch_tokens: int = Field(
+        8192, ge=64, description="token budget of one model forward (batch size x longest input, padding included)")
+    max_queued_texts: int = Field(
+        4096, ge=1, description="texts waiting for the model before unary calls get RESOURCE_EXHAUSTED")
+    max_texts_per_request: int = Field(1024, ge=1, description="texts in one Embed / Tokenize call")
+    max_message_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="largest gRPC message, either way")
+    max_k: int = Field(1000, ge=1, description="largest `k` of Search")
+    max_documents_per_upsert: int = Field(10_000, ge=1, description="documents in one Upsert call")
+    auth_cache_s: float = Field(
+        5.0, ge=0, description="seconds an API key lookup (and whether auth is on) is cached; a revoked key stops "
+        "working within this time")
+    shutdown_grace_s: float = Field(10.0, ge=0, description="on SIGTERM/SIGINT, seconds in-flight calls get to finish")
+    job_poll_s: float = Field(0.25, gt=0, description="how often WatchJob re-reads a job's progress")
 
     def resolved_database_url(self) -> str:
         if self.database_url:
             return self.database_url
         return f"sqlite:///{self.home / 'sieve.db'}"
+
+    def resolved_broker_url(self) -> str:
+        if self.broker_url:
+            return self.broker_url
+        return f"sqla+sqlite:///{self.home / 'broker.db'}"
 
     def index_path(self) -> Path:
         return self.index_dir.expanduser() if self.index_dir is not None else self.home / "indexes"

@@ -21,6 +21,7 @@ from sqlalchemy import (
     BigInteger,
     CheckConstraint,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -47,6 +48,7 @@ JSONType = JSON().with_variant(JSONB(), "postgresql")
 
 DOCUMENT_STATUSES = ("pending", "indexed", "failed")
 JOB_STATUSES = ("pending", "running", "done", "failed")
+BATCH_STATUSES = ("pending", "done")
 METRICS = ("ip", "l2")
 INDEX_KINDS = ("flat", "hnsw", "ivf-pq")  # see sieve.store.index.IndexSpec
 
@@ -186,6 +188,37 @@ class Job(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     collection: Mapped[Collection | None] = relationship()  # deleting the collection deletes its jobs (in SQL)
+
+
+class JobBatch(Base):
+    """One unit of a job's work (a list of documents), claimed by one worker at a time under a lease.
+
+    Workers pull batches from SQL instead of trusting the broker to redeliver: a worker claims a pending batch by
+    setting `owner` and `lease_until` (epoch seconds) in one conditional UPDATE, and a batch whose lease ran out, or
+    whose owner process is gone, can be claimed again. A job's progress is the sum over its batches, written when a
+    batch finishes, so a batch processed twice counts once. Batch 0 of an upsert records what was settled at submit
+    time (unchanged documents as done, rejected ones as failed).
+    """
+
+    __tablename__ = "job_batches"
+    __table_args__ = (
+        UniqueConstraint("job_id", "ordinal"),
+        CheckConstraint(_one_of("status", BATCH_STATUSES), name="status"),
+        Index(None, "job_id", "status"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    ordinal: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    items: Mapped[list[Any]] = mapped_column(default=list)  # document ids (upsert) or chunk ids (delete)
+    done: Mapped[int] = mapped_column(Integer, default=0)
+    failed: Mapped[int] = mapped_column(Integer, default=0)
+    errors: Mapped[list[Any]] = mapped_column(default=list)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    owner: Mapped[str | None] = mapped_column(String(200))  # "host:pid" of the claiming worker
+    lease_until: Mapped[float | None] = mapped_column(Float)  # epoch seconds
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
 
 
 class ApiKey(Base):

@@ -24,7 +24,7 @@ from sqlalchemy.exc import IntegrityError
 
 from sieve.settings import Settings
 
-TABLES = {"collections", "documents", "chunks", "chunk_vectors", "jobs", "api_keys"}
+TABLES = {"collections", "documents", "chunks", "chunk_vectors", "jobs", "job_batches", "api_keys"}
 
 
 @pytest.fixture
@@ -84,14 +84,14 @@ def test_content_and_key_hashes():
 def test_upgrade_creates_every_table_and_twice_is_a_no_op(url):
     assert migrate.current(url) is None
     migrate.upgrade(url)
-    assert migrate.current(url) == migrate.head() == "0001"
+    assert migrate.current(url) == migrate.head() == "0002"
     engine = make_engine(url)
     try:
         assert TABLES <= set(inspect(engine).get_table_names())
         with session_scope(engine) as s:
             s.add(Collection(name="kept", embedder="e", dim=4))
         migrate.upgrade(url)  # again: nothing to do, nothing lost
-        assert migrate.current(url) == "0001"
+        assert migrate.current(url) == "0002"
         with engine.connect() as c:
             assert c.execute(text("SELECT count(*) FROM alembic_version")).scalar() == 1
             assert c.execute(text("SELECT name FROM collections")).scalars().all() == ["kept"]
@@ -261,4 +261,4 @@ def test_settings_default_to_sqlite_and_indexes_under_home(tmp_path, monkeypatch
 def test_default_settings_url_migrates(tmp_path):
     url = Settings(home=tmp_path / "fresh").resolved_database_url()
     migrate.upgrade(url)
-    assert (tmp_path / "fresh" / "sieve.db").is_file() and migrate.current(url) == "0001"
+    assert (tmp_path / "fresh" / "sieve.db").is_file() and migrate.current(url) == migrate.head()

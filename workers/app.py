@@ -1,0 +1,34 @@
+"""The Celery app, configured from Settings: which broker, and the delivery guarantees the pipeline relies on.
+
+Broker: SIEVE_BROKER_URL (redis://... or amqp://...), else Celery's SQLAlchemy transport on an SQLite file under
+SIEVE_HOME, so the embedded default needs no server. Results are not stored (job progress lives in SQL).
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from sieve.settings import Settings
+
+QUEUE = "sieve"
+
+
+def make_app(settings: Settings | None = None) -> Celery:
+    settings = settings or Settings()
+    broker = settings.resolved_broker_url()
+    if broker.startswith("sqla+sqlite:"):
+        settings.home.mkdir(parents=True, exist_ok=True)
+    app = Celery("sieve", broker=broker, include=["sieve.workers.tasks"])
+    app.conf.update(
+        task_default_queue=QUEUE,
+        task_ignore_result=True,
+        task_acks_late=True,  # a message is acknowledged after its task ran, not when it arrives
+        task_reject_on_worker_lost=True,  # a task whose worker died is requeued (where the transport can)
+        worker_prefetch_multiplier=1,  # hold one message at a time: the rest stay available to other workers
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+        # the SQLAlchemy transport polls its table; 1 s by default would add a second to every wake-up
+        broker_transport_options={"polling_interval": 0.2} if broker.startswith("sqla+") else {},
+    )
+    return app

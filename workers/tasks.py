@@ -1,0 +1,98 @@
+"""Celery tasks (thin: the work is `pipeline.drain`) and the sweep that re-sends wake-ups lost with dead workers.
+
+Messages carry only a job id. `drain_job` claims batches of that job from SQL until none is left, so a duplicate
+message costs one query and a lost one is replaced by the sweep: at worker start and every `sweep_interval` seconds
+it sends a wake-up for every unfinished job with a batch nobody holds (`jobs.stalled_jobs`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from celery import signals
+from kombu.exceptions import OperationalError as BrokerError
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+from sieve.settings import Settings
+
+from . import jobs, pipeline
+from .app import QUEUE, make_app
+
+log = logging.getLogger(__name__)
+
+app = make_app()
+
+_ctx: pipeline.WorkerContext | None = None
+_ctx_lock = threading.Lock()
+
+
+def context() -> pipeline.WorkerContext:
+    """This process's worker context, built on first use (after a prefork child is forked, not before)."""
+    global _ctx
+    with _ctx_lock:
+        if _ctx is None:
+            from sieve.store.db import make_engine
+
+            settings = Settings()
+            if settings.threads:
+                import torch
+
+                torch.set_num_threads(settings.threads)
+            _ctx = pipeline.WorkerContext(
+                engine=make_engine(settings.resolved_database_url()), index_root=settings.index_path(),
+                model_home=settings.home / "cache", chunk_tokens=settings.chunk_tokens,
+                chunk_overlap=settings.chunk_overlap, lease_s=settings.job_lease_s, device=settings.device,
+                dtype=settings.dtype,
+            )
+        return _ctx
+
+
+TRANSIENT = (OperationalError, DBAPIError, BrokerError, ConnectionError, TimeoutError)
+
+
+@app.task(name="sieve.drain_job", bind=True, autoretry_for=TRANSIENT, retry_backoff=True, retry_backoff_max=60,
+          retry_jitter=True, max_retries=10)
+def drain_job(self, job_id: int) -> int:
+    return pipeline.drain(context(), int(job_id))
+
+
+def enqueue(job_id: int, messages: int = 1) -> None:
+    for _ in range(max(1, messages)):
+        drain_job.apply_async((job_id,), queue=QUEUE)
+
+
+def sweep(engine) -> list[int]:
+    """Send one wake-up for each unfinished job with claimable work; returns those job ids."""
+    stalled = jobs.stalled_jobs(engine)
+    for job_id in stalled:
+        enqueue(job_id, 1)
+    if stalled:
+        log.info("sweep: woke up jobs %s", stalled)
+    return stalled
+
+
+def _sweep_forever(interval: float, stop: threading.Event) -> None:
+    engine = context().engine
+    while True:
+        try:
+            sweep(engine)
+        except Exception:  # a sweep must never take the worker down
+            log.exception("sweep failed; trying again in %.0f s", interval)
+        if stop.wait(interval):
+            return
+
+
+_stop = threading.Event()
+
+
+@signals.worker_ready.connect
+def _start_sweeper(**_kwargs) -> None:
+    settings = Settings()
+    interval = min(30.0, max(1.0, settings.job_lease_s / 4))
+    threading.Thread(target=_sweep_forever, args=(interval, _stop), name="sieve-sweep", daemon=True).start()
+
+
+@signals.worker_shutdown.connect
+def _stop_sweeper(**_kwargs) -> None:
+    _stop.set()
