@@ -224,8 +224,7 @@ def eval_embedder(
     console.print(f"wrote {out}")
 
 
+cli_index.register(app)
+
 if __name__ == "__main__":
     app()
-
-
-cli_index.register(app)

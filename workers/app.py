@@ -28,7 +28,11 @@ def make_app(settings: Settings | None = None) -> Celery:
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
-        # the SQLAlchemy transport polls its table; 1 s by default would add a second to every wake-up
-        broker_transport_options={"polling_interval": 0.2} if broker.startswith("sqla+") else {},
     )
+    if broker.startswith("sqla+"):
+        # The SQLAlchemy transport polls its table, by default once a second (a second added to every wake-up).
+        # Its transport options all go to create_engine, so the interval is set on the transport class.
+        from kombu.transport import sqlalchemy as sqla_transport
+
+        sqla_transport.Transport.polling_interval = 0.2
     return app

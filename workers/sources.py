@@ -1,6 +1,6 @@
 """Documents from files for `sieve index`: BEIR-style jsonl, plain .txt / .md files, or folders of them.
 
-jsonl: one object per line with an id (`_id` or `id`), `text`, and optionally `title` (prepended to the text, and
+jsonl (or .jsonl.gz): one object per line with an id (`_id` or `id`), `text`, and optionally `title` (prepended to the text, and
 kept in metadata) and `metadata` (an object). A line that is not such an object is reported with its file and line
 number and the rest of the file is read on. A .txt / .md file is one document whose id is its path relative to the
 folder given (or its name, for a file given directly).
@@ -8,6 +8,7 @@ folder given (or its name, for a file given directly).
 
 from __future__ import annotations
 
+import gzip
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,7 +18,14 @@ from typing import Any
 from .jobs import DocumentIn
 
 TEXT_SUFFIXES = (".txt", ".md")
-SUFFIXES = (".jsonl", *TEXT_SUFFIXES)
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
+
+
+def _kind(path: Path) -> str | None:
+    name = path.name.lower()
+    if name.endswith(JSONL_SUFFIXES):
+        return "jsonl"
+    return "text" if name.endswith(TEXT_SUFFIXES) else None
 
 
 @dataclass
@@ -41,7 +49,7 @@ def expand(paths: list[Path]) -> list[tuple[Path, Path]]:
         if path.is_dir():
             for f in sorted(path.rglob("*")):
                 rel = f.relative_to(path)
-                if f.is_file() and f.suffix.lower() in SUFFIXES and not any(p.startswith(".") for p in rel.parts):
+                if f.is_file() and _kind(f) and not any(p.startswith(".") for p in rel.parts):
                     out.append((f, path))
         elif path.is_file():
             out.append((path, path.parent))
@@ -51,7 +59,8 @@ def expand(paths: list[Path]) -> list[tuple[Path, Path]]:
 
 
 def read_jsonl(path: Path) -> Iterator[DocumentIn | Rejected]:
-    with open(path, encoding="utf-8", errors="replace") as f:
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8", errors="replace") as f:
         for n, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -83,7 +92,7 @@ def read_jsonl(path: Path) -> Iterator[DocumentIn | Rejected]:
 
 def read_documents(paths: list[Path]) -> Iterator[DocumentIn | Rejected]:
     for path, root in expand(paths):
-        if path.suffix.lower() == ".jsonl":
+        if _kind(path) == "jsonl":
             yield from read_jsonl(path)
         else:
             rel = str(path.relative_to(root)) if path != root else path.name

@@ -3,9 +3,7 @@
 The server is `SIEVE_TEST_POSTGRES` (default postgresql://postgres@127.0.0.1:5432/postgres, trust auth).
 """
 
-import os
 import threading
-import uuid
 
 import numpy as np
 import pytest
@@ -17,30 +15,11 @@ from sieve.store.index import CollectionIndex, IndexSpec
 from sieve.store.models import Base, Chunk, Collection, Document, Job, chunk_id, content_hash
 from sieve.store.vectors import collection_vector_ids, fetch_vectors, put_vectors
 from sqlalchemy import inspect, select, text
-from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 
 pytestmark = pytest.mark.integration
 
-psycopg = pytest.importorskip("psycopg")
-SERVER = os.environ.get("SIEVE_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
-TABLES = {"collections", "documents", "chunks", "chunk_vectors", "jobs", "api_keys"}
-
-
-@pytest.fixture
-def pg_url():
-    try:
-        admin = psycopg.connect(SERVER, autocommit=True, connect_timeout=5)
-    except psycopg.OperationalError as e:
-        pytest.skip(f"no PostgreSQL at {SERVER}: {e}")
-    name = f"sieve_test_{uuid.uuid4().hex[:12]}"
-    admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        url = make_url(SERVER.replace("postgresql://", "postgresql+psycopg://", 1)).set(database=name)
-        yield url.render_as_string(hide_password=False)
-    finally:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
+TABLES = {"collections", "documents", "chunks", "chunk_vectors", "jobs", "job_batches", "api_keys"}
 
 
 @pytest.fixture

@@ -58,3 +58,39 @@ def test_db_upgrade_then_current(tmp_path):
     assert (tmp_path / "sieve.db").is_file()
     after = run_cli("db", "current", env=env)
     assert "0002" in after.stdout and "none" not in after.stdout
+
+
+@pytest.fixture(scope="module")
+def tiny_embedder_dir(tmp_path_factory, tiny_env):
+    from sieve.embedder.model_dir import EmbedderConfig
+
+    folder = tmp_path_factory.mktemp("tiny-embedder")
+    EmbedderConfig(backbone=tiny_env["SIEVE_BACKBONE"], max_length=64, query_instruction="Query: ").save(folder)
+    return folder
+
+
+def test_index_search_reindex_and_drop_through_the_cli(tiny_env, tiny_embedder_dir, tmp_path):
+    env = {**tiny_env, "SIEVE_HOME": str(tmp_path / "home"), "SIEVE_CHUNK_TOKENS": "16", "SIEVE_CHUNK_OVERLAP": "4"}
+    corpus = tmp_path / "corpus.jsonl"
+    docs = [{"_id": f"d{i}", "title": f"title {i}", "text": " ".join(["word"] * i + ["alpha beta gamma"] * 3)}
+            for i in range(1, 9)]
+    lines = [json.dumps(d) for d in docs]
+    lines.insert(3, "{broken")
+    corpus.write_text("\n".join(lines) + "\n")
+
+    out = run_cli("index", "docs", str(corpus), env=env)
+    assert out.returncode == 1 and "collection 'docs' does not exist" in out.stderr and "--create" in out.stderr
+    out = run_cli("index", "docs", str(corpus), "--create", "--embedder", str(tiny_embedder_dir), "--inline",
+                  env=env)
+    assert out.returncode == 0, out.stderr
+    assert "8 documents indexed or unchanged, 1 failed" in out.stderr and "corpus.jsonl:4" in out.stderr
+    hits = json.loads(run_cli("search", "docs", docs[4]["title"], "-k", "3", "--json", env=env).stdout)
+    assert len(hits) == 3 and all(set(h) >= {"external_id", "text", "score", "chunk_id"} for h in hits)
+    listed = json.loads(run_cli("collections", "list", "--json", env=env).stdout)
+    assert listed[0]["name"] == "docs" and listed[0]["indexed"] == 8 and listed[0]["chunks"] >= 8
+    again = run_cli("index", "docs", str(corpus), "--inline", env=env)  # resumable: nothing left to do
+    assert again.returncode == 0 and "8 documents indexed or unchanged" in again.stderr
+    assert json.loads(run_cli("collections", "list", "--json", env=env).stdout) == listed
+    assert run_cli("collections", "drop", "docs", "--yes", env=env).returncode == 0
+    out = run_cli("search", "docs", "x", env=env)
+    assert out.returncode == 1 and "does not exist" in out.stderr

@@ -1,0 +1,283 @@
+"""Reranker on a tiny random backbone: ids as token sequences, constrained permutation decoding under any logits,
+edge cases of the list (n=1, n=2, duplicates, empty and over-long passages), the context budget, FIRST scores,
+and sliding windows."""
+
+import math
+
+import pytest
+import torch
+from sieve.backbone import ModelArgs, load_backbone, sample
+from sieve.reranker import (
+    IdTokens,
+    PermutationConstraint,
+    PromptTemplate,
+    PromptTooLong,
+    Reranker,
+    parse_permutation,
+    sliding_windows,
+)
+from sieve.reranker.first import first_scores
+from sieve.reranker.model_dir import RerankerConfig, resolve_reranker
+from torch.testing import assert_close
+
+from .tiny_files import write_tiny_gguf
+
+WORDS = "the cell protein gene aspirin heart risk study patients cancer blood level increase effect".split()
+
+
+def passages(n: int, words: int = 12, seed: int = 0) -> list[str]:
+    g = torch.Generator().manual_seed(seed)
+    return [" ".join(WORDS[j] for j in torch.randint(0, len(WORDS), (words,), generator=g).tolist()) + f" {i}"
+            for i in range(n)]
+
+
+def is_permutation(order: list[int], n: int) -> bool:
+    return sorted(order) == list(range(n))
+
+
+@pytest.fixture(scope="module")
+def backbone(tmp_path_factory):
+    args = ModelArgs.from_name("tiny")
+    args.max_seq_len = 4096  # room for 100 passages; the weights do not depend on it
+    path = tmp_path_factory.mktemp("rr") / "tiny.gguf"
+    write_tiny_gguf(path, args)
+    return load_backbone(path, home=tmp_path_factory.mktemp("home"), device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def reranker(backbone):
+    return Reranker(backbone, max_passage_tokens=64)
+
+
+@pytest.fixture(scope="module")
+def small_context(tmp_path_factory):
+    path = tmp_path_factory.mktemp("rr-small") / "tiny.gguf"
+    write_tiny_gguf(path)  # the tiny preset's 256-token context
+    return load_backbone(path, home=tmp_path_factory.mktemp("home-small"), device="cpu", dtype="float32")
+
+
+# ------------------------------------------------------------------------------------------------- id tokens
+
+
+def test_id_tokens_match_the_tokenizer(backbone):
+    tok = backbone.tokenizer
+    ids = IdTokens.from_tokenizer(tok, max_id=120)
+    order = [1, 0, 11, 119, 99]  # ids 2, 1, 12, 120, 100
+    assert ids.output_ids(order) == tok.encode("[2] > [1] > [12] > [120] > [100]") + [tok.eos_ids[0]]
+    assert ids.digits_of(12)[11] == tuple(tok.encode("12"))
+    for n in (1, 9, 10, 100, 101):
+        longest = max(len(ids.output_ids(list(range(n)))), len(ids.output_ids(list(range(n))[::-1])))
+        assert ids.output_length(n) == longest
+    assert ids.output_length(100, 3) == len(ids.output_ids([99, 98, 97]))
+
+
+# ------------------------------------------------------------------------------ constraint under bad logits
+
+
+def adversaries(ids: IdTokens, vocab: int):
+    """Logit functions that try to break the format: repeat id 1, stop at once, close early, NaN, +-inf, random."""
+    g = torch.Generator().manual_seed(1)
+
+    def bias(tokens, value=1e6):
+        out = torch.zeros(1, vocab)
+        out[0, tokens] = value
+        return out
+
+    yield "random", lambda t: torch.randn(1, vocab, generator=g) * 10
+    yield "repeat-id-1", lambda t: bias([*ids.digit_tokens["1"], ids.close, *ids.first_open])
+    yield "stop-now", lambda t: bias([ids.eos])
+    yield "close-early", lambda t: bias([ids.close])
+    yield "forbidden-only", lambda t: bias([5, 6, 7])  # tokens that are never part of the format
+    yield "nan", lambda t: torch.full((1, vocab), float("nan"))
+    yield "plus-inf", lambda t: torch.full((1, vocab), float("inf"))
+    yield "minus-inf", lambda t: torch.full((1, vocab), float("-inf"))
+    yield "mixed", lambda t: torch.where(torch.rand(1, vocab, generator=g) < 0.5, float("nan"), float("inf"))
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 9, 10, 11, 20, 100, 101])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_any_logits_give_a_valid_permutation(backbone, n, temperature):
+    ids = IdTokens.from_tokenizer(backbone.tokenizer, max_id=n)
+    vocab = backbone.args.vocab_size
+    gen = torch.Generator().manual_seed(n)
+    for name, fn in adversaries(ids, vocab):
+        constraint = PermutationConstraint(ids, n)
+        generated = torch.empty(1, 0, dtype=torch.long)
+        for _ in range(ids.output_length(n)):
+            logits = constraint(generated, fn(generated))
+            token = sample(logits, temperature=temperature, generator=gen)
+            generated = torch.cat([generated, token[:, None]], dim=1)
+            if int(token) == ids.eos:
+                break
+        out = generated[0].tolist()
+        assert out[-1] == ids.eos, name
+        assert is_permutation(constraint.order(), n), (name, constraint.order())
+        assert out == ids.output_ids(constraint.order()), name  # exactly the format, nothing else
+        parsed = parse_permutation(backbone.tokenizer.decode(out[:-1]), n)
+        assert (parsed.wrong_format, parsed.repeated, parsed.missing) == (False, 0, 0), name
+
+
+def test_top_k_constraint_stops_after_k_distinct_ids(backbone):
+    ids = IdTokens.from_tokenizer(backbone.tokenizer, max_id=30)
+    constraint = PermutationConstraint(ids, 30, k=5)
+    generated = torch.empty(1, 0, dtype=torch.long)
+    g = torch.Generator().manual_seed(0)
+    while not generated.shape[1] or int(generated[0, -1]) != ids.eos:
+        token = sample(constraint(generated, torch.randn(1, backbone.args.vocab_size, generator=g)))
+        generated = torch.cat([generated, token[:, None]], dim=1)
+    order = constraint.order()
+    assert len(order) == 5 and len(set(order)) == 5 and all(0 <= i < 30 for i in order)
+    assert generated.shape[1] <= ids.output_length(30, 5)
+
+
+def test_constraint_rejects_a_forbidden_token(backbone):
+    ids = IdTokens.from_tokenizer(backbone.tokenizer, max_id=3)
+    c = PermutationConstraint(ids, 3)
+    with pytest.raises(ValueError, match="not allowed"):
+        c(torch.tensor([[ids.eos]]), torch.zeros(1, backbone.args.vocab_size))
+
+
+def test_parse_permutation_counts_faults():
+    p = parse_permutation("[1] > [1] > [5] > [3]", 4)
+    assert p.wrong_format and p.repeated == 1 and p.unknown == 1 and p.missing == 2
+    assert p.order == [0, 2, 1, 3]  # parsed first (deduplicated), then the missing in input order
+    assert parse_permutation("Sure! [2] > [1]", 2).wrong_format
+    clean = parse_permutation("[2] > [1]", 2)
+    assert (clean.wrong_format, clean.repeated, clean.missing, clean.order) == (False, 0, 0, [1, 0])
+
+
+# -------------------------------------------------------------------------------------- ranking end to end
+
+
+@pytest.mark.parametrize("mode", ["full", "first", "sliding"])
+@pytest.mark.parametrize("n", [1, 2, 25])
+def test_rank_returns_a_permutation_with_scores(reranker, mode, n):
+    res = reranker.rank("does aspirin lower heart risk?", passages(n), mode=mode)
+    assert is_permutation(res.order, n) and len(res.scores) == n
+    assert all(a >= b for a, b in zip(res.scores, res.scores[1:]))  # best first
+    assert res.stats.prompt_tokens > 0 and res.stats.forward_passes >= 1 and res.stats.seconds > 0
+    if mode == "first":
+        assert res.stats.generated_tokens == 0 and res.stats.forward_passes == 1
+        assert all(math.isfinite(s) and s <= 0 for s in res.scores)  # log-probabilities
+    else:
+        assert res.stats.generated_tokens > 0
+        sizes = [e - s for s, e in sliding_windows(n)] if mode == "sliding" else [n]
+        assert len(res.answers) == len(sizes)
+        for answer, size in zip(res.answers, sizes):
+            parsed = parse_permutation(answer, size)
+            assert (parsed.wrong_format, parsed.repeated, parsed.missing) == (False, 0, 0)
+    if mode == "sliding":
+        assert res.stats.forward_passes == len(sliding_windows(n))
+
+
+def test_full_ranks_100_passages_in_one_pass(reranker, backbone):
+    res = reranker.rank("heart risk", passages(100, words=40), mode="full")
+    assert is_permutation(res.order, 100)
+    assert res.stats.forward_passes == 1
+    assert res.stats.prompt_tokens + res.stats.generated_tokens <= backbone.args.max_seq_len
+
+
+def test_top_k(reranker):
+    full = reranker.rank("q", passages(12), mode="full")
+    top = reranker.rank("q", passages(12), mode="full", top_k=3)
+    assert top.order == full.order[:3]  # greedy: the same first ids, decoding just stops earlier
+    assert top.stats.generated_tokens < full.stats.generated_tokens
+    first = reranker.rank("q", passages(12), mode="first", top_k=4)
+    assert len(first.order) == 4
+    with pytest.raises(ValueError):
+        reranker.rank("q", passages(3), top_k=0)
+
+
+def test_duplicate_and_empty_passages_are_ranked(reranker):
+    ps = ["same text here", "same text here", "", "   ", "other words", "same text here"]
+    for mode in ("full", "first", "sliding"):
+        res = reranker.rank("text", ps, mode=mode)
+        assert is_permutation(res.order, len(ps)), mode
+
+
+def test_long_passages_are_cut_to_the_budget_and_still_ranked(backbone):
+    rr = Reranker(backbone, max_passage_tokens=10_000)
+    long = [" ".join(WORDS) * 60, "short one", " ".join(WORDS) * 40]  # thousands of tokens each
+    for mode in ("full", "first", "sliding"):
+        res = rr.rank("query", long * 10, mode=mode)
+        assert is_permutation(res.order, 30)
+        assert res.stats.truncated == 20 and res.stats.passage_cap < 2000
+    prompt = rr.prompts.build("query", long * 10)
+    assert len(prompt.ids) + prompt.answer_tokens <= backbone.args.max_seq_len
+
+
+def test_budget_shrinks_with_n_then_errors_clearly(small_context):
+    short = PromptTemplate(name="short", system="", prefix="{n} for: {query}\n", body="[{rank}] {passage}\n",
+                           suffix="Rank:")
+    rr = Reranker(small_context, template=short, max_passage_tokens=200)
+    caps = [rr.prompts.build("q", passages(n, words=60)).passage_cap for n in (1, 2, 4)]
+    assert caps[0] > caps[1] > caps[2] >= rr.prompts.min_passage_tokens
+    for n in (1, 2, 4):
+        prompt = rr.prompts.build("q", passages(n, words=60))
+        assert len(prompt.ids) + prompt.answer_tokens <= 256
+    with pytest.raises(PromptTooLong, match="do not fit the 256-token context.*passages would fit"):
+        rr.rank("q", passages(40), mode="full")
+    with pytest.raises(PromptTooLong):
+        rr.rank("q", passages(40), mode="first")
+
+
+def test_sliding_equals_full_within_one_window(reranker):
+    ps = passages(15)
+    assert reranker.rank("q", ps, mode="sliding").order == reranker.rank("q", ps, mode="full").order
+
+
+def test_sliding_windows_back_to_front():
+    assert sliding_windows(100) == [(s, s + 20) for s in range(80, -1, -10)]
+    assert sliding_windows(25) == [(5, 25), (0, 15)]
+    assert sliding_windows(10) == [(0, 10)]
+    assert sliding_windows(20) == [(0, 20)]
+
+
+def test_first_scores_equal_sequence_log_probs(reranker, backbone):
+    """The tree forward scores every id like teacher-forcing `[<digits>]` after the prompt, one id at a time."""
+    n = 12  # ids 1..12: 1 has children 10, 11, 12, so `]` competes with digits there
+    prompt = reranker.prompts.build("a query", passages(n))
+    got = first_scores(backbone.model, prompt.ids, reranker.ids, n)
+    ids = reranker.ids
+    want = []
+    for seq in ids.digits_of(n):
+        full = prompt.ids + list(ids.first_open) + list(seq)
+        with torch.no_grad():
+            logits = backbone.model(torch.tensor([full])).logits[0]
+        t0 = len(prompt.ids) + len(ids.first_open) - 1
+        total = 0.0
+        node_prefix: tuple[int, ...] = ()
+        for j, tok in enumerate([*seq, ids.close]):
+            children = {d[len(node_prefix)] for d in ids.digits_of(n)
+                        if len(d) > len(node_prefix) and d[: len(node_prefix)] == node_prefix}
+            options = sorted(children) + ([ids.close] if node_prefix in ids.digits_of(n) else [])
+            logp = torch.log_softmax(logits[t0 + j, options], -1)
+            total += float(logp[options.index(tok)])
+            node_prefix = (*node_prefix, tok)
+        want.append(total)
+    assert_close(got, torch.tensor(want), atol=2e-4, rtol=1e-4)
+    assert_close(got.exp().sum(), torch.tensor(1.0), atol=1e-4, rtol=0)  # a distribution over the 12 ids
+
+
+def test_rank_input_errors(reranker):
+    assert reranker.rank("q", [], mode="full").order == []
+    with pytest.raises(ValueError, match="unknown mode"):
+        reranker.rank("q", ["a"], mode="pairwise")
+    with pytest.raises(TypeError):
+        reranker.rank("q", "a single string")
+
+
+def test_template_is_checked():
+    with pytest.raises(ValueError, match="exactly once"):
+        PromptTemplate(name="bad", system="", prefix="rank these", body="[{rank}] {passage}\n", suffix="")
+    with pytest.raises(ValueError, match="before"):
+        PromptTemplate(name="bad", system="", prefix="{n}", body="{passage} [{rank}]\n", suffix="")
+
+
+def test_shipped_reranker_folder_is_zero_shot_without_adapter():
+    folder = resolve_reranker("sieve-rank")
+    cfg = RerankerConfig.load(folder)
+    assert cfg.backbone == "smollm2-135m-instruct" and cfg.window == 20 and cfg.stride == 10
+    assert cfg.lora_r == 0 or (folder / "adapter.safetensors").is_file()
+    with pytest.raises(FileNotFoundError, match="shipped: sieve-rank"):
+        resolve_reranker("/no/such/folder")

@@ -1,0 +1,209 @@
+"""The token-budget batcher with a fake model: merging, budget, order, admission, deadlines, cancellation,
+failure isolation."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import grpc
+import numpy as np
+import pytest
+from sieve.service.batcher import Batcher
+from sieve.service.errors import Expired, QueueFull, ServiceError
+from sieve.service.metrics import Metrics
+
+POISON = 666
+
+
+class FakeModel:
+    """vector of a text = [length, first id, sum of ids]; can be held (to let a queue build) or poisoned."""
+
+    def __init__(self):
+        self.batches: list[list[list[int]]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+
+    def __call__(self, group, items):
+        self.entered.set()
+        self.gate.wait(10)
+        ids = [i for i, _ in items]
+        self.batches.append(ids)
+        if any(POISON in i for i in ids):
+            raise RuntimeError("poisoned input")
+        return np.array([[len(i), i[0], sum(i)] for i in ids], dtype=np.float32)
+
+    def seen(self) -> set[int]:
+        return {i[0] for b in self.batches for i in b}
+
+
+def items(*lengths_and_first):
+    return [([first] + [1] * (length - 1), [1] * length) for length, first in lengths_and_first]
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def _with_batcher(model, fn, **kw):
+    kw.setdefault("max_batch_tokens", 1000)
+    kw.setdefault("max_queued_texts", 100)
+    b = Batcher(runner=model, **kw)
+    b.start()
+    try:
+        return await fn(b)
+    finally:
+        model.gate.set()
+        await b.close()
+
+
+def test_concurrent_calls_merge_into_one_forward_and_keep_order():
+    model = FakeModel()
+    metrics = Metrics()
+
+    async def go(b):
+        model.gate.clear()
+        first = asyncio.ensure_future(b.submit("g", items((4, 100))))
+        await asyncio.to_thread(model.entered.wait, 5)  # the model is busy with `first`: the rest queue up
+        rest = [asyncio.ensure_future(b.submit("g", items((3, 200 + k), (5, 300 + k)))) for k in range(10)]
+        await asyncio.sleep(0.05)
+        model.gate.set()
+        return await first, await asyncio.gather(*rest)
+
+    first, rest = run(_with_batcher(model, go, metrics=metrics))
+    assert first.vectors[0].tolist() == [4, 100, 103]
+    for k, out in enumerate(rest):  # each call gets its own texts back, in its order
+        assert out.vectors[:, :2].tolist() == [[3, 200 + k], [5, 300 + k]]
+        assert out.tokens == 8
+    assert len(model.batches) == 2, model.batches  # 10 calls, one forward
+    assert len(model.batches[1]) == 20
+    text = metrics.text()
+    assert "sieve_batch_requests_bucket{le=\"16.0\"} 2.0" in text  # the 10-call batch is in the <=16 bucket
+    assert "sieve_batch_requests_count 2.0" in text
+
+
+def test_batches_respect_the_token_budget_and_group_similar_lengths():
+    model = FakeModel()
+    lengths = [3, 50, 4, 48, 5, 52, 3, 49, 6, 51, 200]
+
+    async def go(b):
+        model.gate.clear()
+        blocker = asyncio.ensure_future(b.submit("g", items((1, 1))))
+        await asyncio.to_thread(model.entered.wait, 5)
+        out = asyncio.ensure_future(b.submit("g", items(*[(n, 10 + i) for i, n in enumerate(lengths)])))
+        await asyncio.sleep(0.02)
+        model.gate.set()
+        await blocker
+        return await out
+
+    out = run(_with_batcher(model, go, max_batch_tokens=110))
+    assert out.vectors[:, 0].tolist() == lengths  # all back, in order
+    for batch in model.batches[1:]:
+        longest = max(len(i) for i in batch)
+        assert len(batch) == 1 or len(batch) * longest <= 110, batch
+    # short texts went together, long ones together: no batch mixes a <=6 text with a >=48 one
+    for batch in model.batches[1:]:
+        lens = [len(i) for i in batch]
+        assert not (min(lens) <= 6 and max(lens) >= 48), lens
+    assert [len(b) for b in model.batches[1:]].count(1) >= 1  # the 200-token text ran alone (over the budget)
+
+
+def test_groups_never_share_a_forward():
+    model = FakeModel()
+
+    async def go(b):
+        return await asyncio.gather(b.submit("a", items((3, 1))), b.submit("b", items((3, 2))))
+
+    run(_with_batcher(model, go))
+    assert sorted(b[0][0] for b in model.batches) == [1, 2] and len(model.batches) == 2
+
+
+def test_full_queue_refuses_unary_at_once_and_streams_wait():
+    model = FakeModel()
+    metrics = Metrics()
+
+    async def go(b):
+        model.gate.clear()
+        first = asyncio.ensure_future(b.submit("g", items((2, 1))))
+        await asyncio.to_thread(model.entered.wait, 5)
+        queued = asyncio.ensure_future(b.submit("g", items((2, 2), (2, 3), (2, 4))))  # fills the queue (3)
+        await asyncio.sleep(0.01)
+        with pytest.raises(QueueFull, match="busy"):
+            await b.submit("g", items((2, 5)))
+        waiting = asyncio.ensure_future(b.submit("g", items((2, 6)), wait=True))
+        await asyncio.sleep(0.05)
+        assert not waiting.done()
+        model.gate.set()
+        return await first, await queued, await waiting
+
+    _, queued, waiting = run(_with_batcher(model, go, max_queued_texts=3, metrics=metrics))
+    assert queued.vectors[:, 1].tolist() == [2, 3, 4] and waiting.vectors[0, 1] == 6
+    assert 5 not in model.seen()
+    assert "sieve_queue_rejected_total 1.0" in metrics.text()
+
+
+def test_expired_and_cancelled_work_never_reaches_the_model():
+    model = FakeModel()
+
+    async def go(b):
+        model.gate.clear()
+        first = asyncio.ensure_future(b.submit("g", items((2, 1))))
+        await asyncio.to_thread(model.entered.wait, 5)
+        expiring = asyncio.ensure_future(b.submit("g", items((2, 7), (2, 8)), timeout=0.02))
+        leaving = asyncio.ensure_future(b.submit("g", items((2, 9))))
+        staying = asyncio.ensure_future(b.submit("g", items((2, 10))))
+        await asyncio.sleep(0.05)  # the deadline passes while the model is busy
+        leaving.cancel()
+        await asyncio.sleep(0)
+        assert b.queued == 3  # the cancelled caller's text left the queue at once
+        model.gate.set()
+        await first
+        with pytest.raises(Expired):
+            await expiring
+        return await staying
+
+    staying = run(_with_batcher(model, go))
+    assert staying.vectors[0, 1] == 10
+    assert model.seen().isdisjoint({7, 8, 9})
+
+
+def test_a_failing_call_does_not_fail_its_batch_mates_or_the_loop():
+    model = FakeModel()
+
+    async def go(b):
+        model.gate.clear()
+        first = asyncio.ensure_future(b.submit("g", items((2, 1))))
+        await asyncio.to_thread(model.entered.wait, 5)
+        good = [asyncio.ensure_future(b.submit("g", items((3, 20 + k)))) for k in range(3)]
+        bad = asyncio.ensure_future(b.submit("g", items((3, POISON))))
+        await asyncio.sleep(0.02)
+        model.gate.set()
+        await first
+        results = await asyncio.gather(*good)
+        with pytest.raises(ServiceError) as e:
+            await bad
+        after = await b.submit("g", items((2, 30)))  # the loop still runs
+        return results, e.value, after
+
+    results, error, after = run(_with_batcher(model, go))
+    assert [r.vectors[0, 1] for r in results] == [20, 21, 22]
+    assert error.code == grpc.StatusCode.INTERNAL and "model failed" in error.message
+    assert after.vectors[0, 1] == 30
+    assert any(len(b) == 4 for b in model.batches)  # they really were batched together first
+
+
+def test_closing_refuses_new_work():
+    model = FakeModel()
+
+    async def go():
+        b = Batcher(runner=model, max_batch_tokens=100, max_queued_texts=10)
+        b.start()
+        out = await b.submit("g", items((2, 1)))
+        await b.close()
+        with pytest.raises(ServiceError) as e:
+            await b.submit("g", items((2, 2)))
+        return out, e.value
+
+    out, error = run(go())
+    assert out.vectors[0, 1] == 1 and error.code == grpc.StatusCode.UNAVAILABLE
