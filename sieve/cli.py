@@ -13,6 +13,7 @@ from rich.table import Table
 
 from sieve import cli_index
 from sieve.cli_common import cli_settings, console, err, fail, load_backbone_or_exit
+from sieve.reranker.cli import eval_reranker, rerank, train_reranker
 
 app = typer.Typer(help="Sieve: embeddings, full ranking and compressed RAG answers from one small LLM backbone.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -225,6 +226,9 @@ def eval_embedder(
 
 
 cli_index.register(app)
+app.command("rerank")(rerank)
+train_app.command("reranker")(train_reranker)
+eval_app.command("reranker")(eval_reranker)
 
 if __name__ == "__main__":
     app()

@@ -1,0 +1,135 @@
+"""Reranking cost: full ranking in one pass vs the sliding window (20, stride 10, back to front) vs FIRST, with the
+same model on the same candidates, in one run, for 20, 50 and 100 passages.
+
+Candidates: the shipped BM25 top-100 of the first --queries TREC DL19 queries (real passages). Every mode gets the
+same per-passage cap (the one the full prompt needs for that many passages), so the strategies see the same text.
+Timing is interleaved (full, sliding, first, full, ...) per size; tokens processed = prefill tokens (all windows
+for sliding, the id trie for first) + decoded tokens. Writes bench/results/reranker-speed.json (+ .png).
+
+    python bench/reranker.py [--sizes 20,50,100] [--queries 1] [--repeat 1] [--threads 2] [--device cpu]
+                             [--window 20 --stride 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import RESULTS, device_name, write_results  # noqa: E402
+from sieve.embedder.data import load_retrieval_set  # noqa: E402
+from sieve.reranker import load_reranker  # noqa: E402
+
+from sieve.settings import Settings  # noqa: E402
+
+MODES = ("full", "sliding", "first")
+
+
+def measure(reranker, query: str, texts: list[str], repeat: int, sync) -> dict[str, dict]:
+    """Median seconds and the stats of each mode, repetitions interleaved across modes."""
+    times: dict[str, list[float]] = {m: [] for m in MODES}
+    stats = {}
+    for _ in range(repeat):
+        for mode in MODES:
+            t0 = time.perf_counter()
+            res = reranker.rank(query, texts, mode=mode)
+            sync()
+            times[mode].append(time.perf_counter() - t0)
+            stats[mode] = res.stats
+    return {m: {"seconds": statistics.median(times[m]), "stats": stats[m]} for m in MODES}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sizes", default="20,50,100")
+    ap.add_argument("--queries", type=int, default=1, help="DL19 queries (results are averaged over them)")
+    ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--warmup", type=int, default=1, help="untimed runs of the smallest size first")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--model", default="sieve-rank")
+    ap.add_argument("--name", default="reranker-speed")
+    ap.add_argument("--window", type=int, default=20, help="sliding window (the baseline is 20, stride 10)")
+    ap.add_argument("--stride", type=int, default=10)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    settings = Settings()
+    reranker = load_reranker(args.model, home=settings.home / "cache", device=args.device, dtype=args.dtype)
+    reranker.window, reranker.stride = args.window, args.stride
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    ds = load_retrieval_set(settings.data_path(), "trec-dl-2019")
+    qids = sorted(ds.candidates)[: args.queries]
+    sizes = [int(s) for s in args.sizes.split(",")]
+    for _ in range(args.warmup):
+        q = qids[0]
+        for mode in MODES:
+            reranker.rank(ds.queries[q], [ds.corpus[d] for d in ds.candidates[q][: min(sizes)]], mode=mode)
+
+    rows = []
+    for n in sizes:
+        per_query = [measure(reranker, ds.queries[q], [ds.corpus[d] for d in ds.candidates[q][:n]], args.repeat, sync)
+                     for q in qids]
+        sliding_s = statistics.mean(r["sliding"]["seconds"] for r in per_query)
+        for mode in MODES:
+            seconds = statistics.mean(r[mode]["seconds"] for r in per_query)
+            st = [r[mode]["stats"] for r in per_query]
+            rows.append({
+                "system": reranker.name, "mode": mode, "passages": n, "queries": len(qids),
+                "window": f"{args.window}/{args.stride}" if mode == "sliding" else "",
+                "device": device_name(args.device), "dtype": str(reranker.backbone.dtype).removeprefix("torch."),
+                "seconds": round(seconds, 3),
+                "tokens_processed": round(statistics.mean(s.tokens_processed for s in st), 1),
+                "prompt_tokens": round(statistics.mean(s.prompt_tokens for s in st), 1),
+                "generated_tokens": round(statistics.mean(s.generated_tokens for s in st), 1),
+                "forward_passes": round(statistics.mean(s.forward_passes for s in st), 1),
+                "passage_cap": min(s.passage_cap for s in st),
+                "speedup_vs_sliding": round(sliding_s / seconds, 2) if seconds else None,
+            })
+            print(rows[-1], flush=True)
+
+    device = device_name(args.device)
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"reranking cost, {device}")
+    for col in ("passages", "mode", "seconds", "tokens", "decoded", "passes", "vs sliding"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(str(r["passages"]), r["mode"], str(r["seconds"]), str(r["tokens_processed"]),
+                      str(r["generated_tokens"]), str(r["forward_passes"]), str(r["speedup_vs_sliding"]))
+    Console().print(table)
+    out = write_results(args.name, rows, device)
+    plot(rows, RESULTS / f"{args.name}.png", device)
+    print(f"wrote {out}")
+
+
+def plot(rows: list[dict], path: Path, device: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    sizes = sorted({r["passages"] for r in rows})
+    for i, mode in enumerate(MODES):
+        mine = [next(r for r in rows if r["passages"] == n and r["mode"] == mode) for n in sizes]
+        axes[0].plot(sizes, [r["seconds"] for r in mine], marker="o", color=f"C{i}", label=mode)
+        axes[1].plot(sizes, [r["tokens_processed"] for r in mine], marker="o", color=f"C{i}", label=mode)
+    axes[0].set_ylabel("seconds per query")
+    axes[1].set_ylabel("tokens processed per query")
+    for ax in axes:
+        ax.set_xlabel("passages")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"Full vs sliding vs FIRST reranking, same model\n{device}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,196 @@
+"""Bodies of the `sieve rerank`, `sieve train reranker` and `sieve eval reranker` commands.
+
+Plain typer functions, mounted by sieve/cli.py (this module does not import it, so there is no cycle):
+
+    from sieve.reranker.cli import eval_reranker, rerank, train_reranker
+    app.command("rerank")(rerank)
+    train_app.command("reranker")(train_reranker)
+    eval_app.command("reranker")(eval_reranker)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from sieve.settings import Settings
+
+console = Console()
+err = Console(stderr=True)
+
+
+def _settings() -> Settings:
+    from rich.logging import RichHandler
+
+    settings = Settings()
+    logging.basicConfig(level=settings.log_level, format="%(message)s",
+                        handlers=[RichHandler(console=err, show_path=False)])
+    if settings.threads:
+        import torch
+
+        torch.set_num_threads(settings.threads)
+    return settings
+
+
+def _fail(message: str) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {message}")
+    return typer.Exit(code=1)
+
+
+def _load(model: str, settings: Settings, dtype: str | None = None):
+    from sieve.backbone import BackboneNotFound, WeightsError
+
+    from .model_dir import load_reranker
+
+    try:
+        with err.status(f"loading reranker {model} ..."):
+            return load_reranker(model, home=settings.home / "cache", device=settings.device,
+                                 dtype=dtype or settings.dtype)
+    except (BackboneNotFound, WeightsError, FileNotFoundError, ValueError) as e:
+        raise _fail(str(e)) from None
+
+
+def rerank(
+    query: Annotated[str, typer.Argument(help="the search query")],
+    passages: Annotated[list[str] | None, typer.Argument(help="passages to rank (or --file / stdin '-')")] = None,
+    file: Annotated[Path | None, typer.Option(help="read passages from a file: one per line, or JSON lines "
+                                                   "with a 'text' field")] = None,
+    mode: Annotated[str, typer.Option(help="full (one pass), first (first-token logits), sliding (window 20, "
+                                           "stride 10)")] = "full",
+    top_k: Annotated[int | None, typer.Option(min=1, help="return (and, in full mode, decode) only the top k")] = None,
+    model: Annotated[str, typer.Option(help="sieve-rank or a reranker folder")] = "sieve-rank",
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+) -> None:
+    """Rank PASSAGES by relevance to QUERY with the backbone; print the order, scores and what it cost."""
+    from .prompt import PromptTooLong
+
+    settings = _settings()
+    texts = list(passages or [])
+    if texts == ["-"]:
+        texts = _read_lines(sys.stdin.read().splitlines())
+    if file is not None:
+        if not file.is_file():
+            raise _fail(f"no file {file}")
+        texts += _read_lines(file.read_text().splitlines())
+    if not query.strip():
+        raise _fail("the query is empty")
+    if not texts:
+        raise _fail("no passages: pass them as arguments, with --file, or '-' for stdin")
+    reranker = _load(model, settings)
+    try:
+        res = reranker.rank(query, texts, mode=mode, top_k=top_k)
+    except (PromptTooLong, ValueError) as e:
+        raise _fail(str(e)) from None
+    s = res.stats
+    out = {"model": reranker.name, "mode": res.mode,
+           "ranking": [{"index": i, "score": round(sc, 4), "text": texts[i][:200]} for i, sc in
+                       zip(res.order, res.scores)],
+           "stats": {"prompt_tokens": s.prompt_tokens, "generated_tokens": s.generated_tokens,
+                     "forward_passes": s.forward_passes, "passage_cap": s.passage_cap, "truncated": s.truncated,
+                     "seconds": round(s.seconds, 3)}}
+    if as_json:
+        console.print_json(json.dumps(out))
+        return
+    table = Table(title=f"{reranker.name} ({res.mode})")
+    for col in ("rank", "index", "score", "passage"):
+        table.add_column(col)
+    for r, item in enumerate(out["ranking"], start=1):
+        table.add_row(str(r), str(item["index"]), f"{item['score']:.3f}", item["text"][:80])
+    console.print(table)
+    err.print(f"[dim]{s.prompt_tokens} prompt + {s.generated_tokens} generated tokens in {s.forward_passes} "
+              f"pass(es), {s.passage_cap} tokens per passage ({s.truncated} cut), {s.seconds:.2f} s[/]")
+
+
+def _read_lines(lines: list[str]) -> list[str]:
+    out = []
+    for line in lines:
+        if not line.strip():
+            continue
+        if line.lstrip().startswith("{"):
+            try:
+                out.append(str(json.loads(line).get("text", "")))
+                continue
+            except json.JSONDecodeError:
+                pass
+        out.append(line)
+    return out
+
+
+def train_reranker(
+    out: Annotated[Path, typer.Option(help="model folder to write (adapter, config, log, card, checkpoint)")] = Path(
+        "reranker/models/sieve-rank"),
+    data: Annotated[Path | None, typer.Option(help="the shared data folder (default: SIEVE_DATA_DIR)")] = None,
+    steps: Annotated[int, typer.Option(min=1)] = 200,
+    batch_size: Annotated[int, typer.Option(min=1, help="lists per optimizer step")] = 4,
+    n_min: Annotated[int, typer.Option(min=2, help="fewest passages per training list")] = 20,
+    n_max: Annotated[int, typer.Option(min=2, help="most passages per training list")] = 50,
+    max_passage_tokens: Annotated[int, typer.Option(min=8, help="per-passage cap while training")] = 64,
+    teacher: Annotated[str, typer.Option(help="orders non-positives: all-minilm-l6-v2, sieve-embed, bm25")] = (
+        "all-minilm-l6-v2"),
+    lm_weight: float = 1.0,
+    first_weight: float = 1.0,
+    lr: float = 2e-4,
+    lora_r: int = 16,
+    lora_alpha: float = 32.0,
+    dtype: Annotated[str, typer.Option(help="autocast dtype: bfloat16 or float32")] = "bfloat16",
+    seed: int = 0,
+) -> None:
+    """Train the sieve-rank LoRA adapter on SciFact train lists (resumes from OUT/checkpoint.pt)."""
+    from .train import TrainConfig, train
+
+    settings = _settings()
+    if n_min > n_max:
+        raise _fail("--n-min is larger than --n-max")
+    cfg = TrainConfig(out=out, data_root=data or settings.data_path(), steps=steps, batch_size=batch_size,
+                      n_min=n_min, n_max=n_max, max_passage_tokens=max_passage_tokens, teacher=teacher,
+                      lm_weight=lm_weight, first_weight=first_weight, lr=lr, lora_r=lora_r, lora_alpha=lora_alpha,
+                      dtype=dtype, seed=seed)
+    summary = train(cfg, home=settings.home / "cache", device=settings.device)
+    console.print_json(json.dumps({k: v for k, v in summary.items() if k != "config"}))
+
+
+def eval_reranker(
+    dataset: Annotated[list[str] | None, typer.Option(help="scifact, trec-dl-2019, trec-dl-2021 (repeatable; "
+                                                           "default: scifact and trec-dl-2019)")] = None,
+    first_stage: Annotated[list[str] | None, typer.Option(
+        help="bm25, sieve-embed, all-minilm-l6-v2 (repeatable; default bm25)")] = None,
+    mode: Annotated[list[str] | None, typer.Option(help="sliding, full, first (repeatable; default all)")] = None,
+    model: Annotated[str, typer.Option(help="sieve-rank or a reranker folder")] = "sieve-rank",
+    depth: Annotated[int, typer.Option(min=1, help="first-stage candidates reranked per query")] = 100,
+    queries: Annotated[int | None, typer.Option(min=1, help="only the first N judged queries (sorted ids)")] = None,
+    unconstrained: Annotated[bool, typer.Option(help="also decode full rankings without the constraint")] = False,
+    data: Annotated[Path | None, typer.Option(help="the shared data folder (default: SIEVE_DATA_DIR)")] = None,
+    dtype: Annotated[str | None, typer.Option(help="backbone dtype (default SIEVE_DTYPE)")] = None,
+    name: Annotated[str, typer.Option(help="results file bench/results/NAME.json")] = "reranker-eval",
+) -> None:
+    """nDCG@10 of first stage / sliding / full / first reranking, format-fault rates and cost per query."""
+    from .eval import MODES, evaluate, write_eval
+
+    settings = _settings()
+    modes = tuple(mode or MODES)
+    if bad := [m for m in modes if m not in MODES]:
+        raise _fail(f"unknown mode(s) {', '.join(bad)}; choose from {', '.join(MODES)}")
+    reranker = _load(model, settings, dtype)
+    rows, out = [], None
+    for row in evaluate(reranker, dataset or ["scifact", "trec-dl-2019"], data_root=data or settings.data_path(),
+                        home=settings.home / "cache", device=settings.device, dtype=dtype or settings.dtype,
+                        first_stages=tuple(first_stage or ["bm25"]), modes=modes, depth=depth, queries=queries,
+                        unconstrained=unconstrained, console=err):
+        rows.append(row)
+        out = write_eval(name, rows)  # after every row: a long run never loses what it measured
+    table = Table(title="reranking quality")
+    for col in ("dataset", "system", "mode", "ndcg@10", "s/query", "tokens/query", "wrong fmt", "repeat", "missing"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["dataset"], r["system"], r["mode"], f"{r['ndcg@10']:.4f}", f"{r['seconds_per_query']:.2f}",
+                      str(r.get("tokens_per_query", "")), *(str(r.get(k, "")) for k in
+                                                          ("wrong_format_rate", "repetition_rate", "missing_rate")))
+    console.print(table)
+    console.print(f"wrote {out}")

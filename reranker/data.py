@@ -1,0 +1,90 @@
+"""Complete listwise training labels from training data only ("Sliding Windows Are Not the End", section 4).
+
+For each SciFact *train* claim (never the test split): candidates are the BM25 (bm25s) top-`n` abstracts of the
+SciFact corpus, in BM25 order (the order the reranker sees at inference); judged positives missing from the top-n
+replace the lowest-ranked candidates. The label is a *complete* ranking of all n: the qrels positives first, then
+every other candidate ordered by a teacher: an embedder (all-MiniLM-L6-v2 by default, or sieve-embed) or BM25
+itself. The sliding window cannot produce such labels (it only orders within windows); this does, for any n.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class RankingExample:
+    query: str
+    passages: list[str]  # in first-stage order, as the reranker will see them
+    order: list[int]  # the label: indices into `passages`, most relevant first (a complete permutation)
+    positives: int  # how many of the first entries of `order` are judged positives
+
+
+class ScifactTrainLists:
+    """SciFact train claims -> `RankingExample`s of a requested size, built lazily (teacher scores cached)."""
+
+    def __init__(self, data_root: Path, *, depth: int = 100, teacher: str = "all-minilm-l6-v2",
+                 home: Path | None = None, device: str = "cpu"):
+        import bm25s
+        import Stemmer
+        from sieve.embedder.data import load_retrieval_set
+
+        ds = load_retrieval_set(data_root, "scifact", split="train")
+        self.corpus, self.doc_ids = ds.corpus, list(ds.corpus)
+        self.qids = sorted(q for q, rel in ds.qrels.items() if any(g > 0 and d in ds.corpus for d, g in rel.items()))
+        self.queries = ds.queries
+        self.positives = {q: [d for d, g in ds.qrels[q].items() if g > 0 and d in ds.corpus] for q in self.qids}
+        stemmer = Stemmer.Stemmer("english")
+        retriever = bm25s.BM25()
+        retriever.index(bm25s.tokenize([self.corpus[d] for d in self.doc_ids], stopwords="en", stemmer=stemmer,
+                                       show_progress=False), show_progress=False)
+        hits, scores = retriever.retrieve(
+            bm25s.tokenize([self.queries[q] for q in self.qids], stopwords="en", stemmer=stemmer, show_progress=False),
+            k=min(depth, len(self.doc_ids)), show_progress=False)
+        self.bm25 = {q: [(self.doc_ids[j], float(s)) for j, s in zip(hits[i], scores[i])]
+                     for i, q in enumerate(self.qids)}
+        self.teacher_name = teacher
+        self._teacher = None
+        self._home, self._device = home, device
+        self._doc_vecs: dict[str, object] = {}
+
+    def __len__(self) -> int:
+        return len(self.qids)
+
+    def example(self, qid: str, n: int, rng: random.Random | None = None) -> RankingExample:
+        ranked = [d for d, _ in self.bm25[qid]][:n]
+        pos = self.positives[qid]
+        missing = [d for d in pos if d not in ranked][:n]
+        if missing:  # judged positives outside the top-n take the places of the lowest-ranked non-positives
+            drop = {d for d in reversed(ranked) if d not in pos}
+            drop = set([d for d in reversed(ranked) if d in drop][: len(missing)])
+            ranked = [d for d in ranked if d not in drop]
+            rng = rng or random.Random(qid)
+            for d in missing:
+                ranked.insert(rng.randrange(len(ranked) + 1), d)
+            ranked = ranked[:n]
+        teacher = self._teacher_scores(qid, ranked)
+        label = sorted(range(len(ranked)), key=lambda i: (ranked[i] not in pos, -teacher[i], i))
+        return RankingExample(self.queries[qid], [self.corpus[d] for d in ranked], label,
+                              sum(d in pos for d in ranked))
+
+    def _teacher_scores(self, qid: str, docs: list[str]) -> list[float]:
+        if self.teacher_name == "bm25":
+            by_doc = dict(self.bm25[qid])
+            return [by_doc.get(d, 0.0) for d in docs]
+        if self._teacher is None:
+            from sieve.embedder import load_embedder
+
+            from sieve.registry import resolve_embedder
+
+            folder = resolve_embedder(self.teacher_name)
+            self._teacher = load_embedder(folder, home=self._home or Path("~/.cache/sieve/cache").expanduser(),
+                                          device=self._device, dtype="float32")
+        todo = [d for d in docs if d not in self._doc_vecs]
+        if todo:
+            for d, v in zip(todo, self._teacher.encode_documents([self.corpus[d] for d in todo])):
+                self._doc_vecs[d] = v
+        q = self._teacher.encode_queries([self.queries[qid]])[0]
+        return [float(self._doc_vecs[d] @ q) for d in docs]

@@ -1,0 +1,151 @@
+"""Listwise ranking with the backbone: full (one pass), FIRST (one forward) and sliding-window (baseline).
+
+`Reranker.rank(query, passages, mode, top_k)` -> `RankResult` (passage indices best first, their scores, and
+what it cost). Inference only: evaluation lives in eval.py and is never imported here.
+
+- full: the whole list in one prompt (per-passage budget from prompt.py), the answer decoded greedily through the
+  backbone's logits hook with `PermutationConstraint`, so it is a valid permutation by construction. Scores are
+  `n - position` (the order is the output). `top_k`: decoding stops after k ids and reserves room for k only.
+- first: FIRST scoring (first.py), one forward; scores are log-probabilities.
+- sliding: RankGPT's sliding window (window 20, stride 10, back to front), each window a constrained full
+  ranking of its passages with the *same per-passage cap as the full prompt would use* for this list, so the two
+  strategies see the same text and differ only in how they spend the context.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from sieve.backbone import Backbone
+from sieve.backbone.generate import stream
+
+from .first import first_scores
+from .permutation import IdTokens, PermutationConstraint
+from .prompt import RANKGPT, PromptBuilder, PromptTemplate, PromptTooLong
+
+MODES = ("full", "first", "sliding")
+
+
+@dataclass
+class RankStats:
+    prompt_tokens: int = 0  # tokens run through prefill (all windows for sliding; incl. the id trie for first)
+    generated_tokens: int = 0  # decode steps (end tokens included)
+    forward_passes: int = 0  # prefills: 1 for full and first, one per window for sliding
+    passage_cap: int = 0  # tokens each passage was allowed
+    truncated: int = 0  # passages cut to the cap (counted once per passage)
+    seconds: float = 0.0
+
+    @property
+    def tokens_processed(self) -> int:
+        return self.prompt_tokens + self.generated_tokens
+
+
+@dataclass
+class RankResult:
+    order: list[int]  # indices into the caller's passages, most relevant first (top_k of them when given)
+    scores: list[float]  # aligned with `order`, higher = more relevant
+    mode: str
+    stats: RankStats = field(default_factory=RankStats)
+    answers: list[str] = field(default_factory=list)  # decoded answer text of each constrained decode
+
+
+def sliding_windows(n: int, window: int = 20, stride: int = 10) -> list[tuple[int, int]]:
+    """RankGPT's windows over positions [0, n), back to front: [(start, end), ...]."""
+    if window < 1 or stride < 1:
+        raise ValueError("window and stride must be positive")
+    out, end = [], n
+    start = n - window
+    while True:
+        out.append((max(start, 0), end))
+        if start <= 0:
+            return out
+        end -= stride
+        start -= stride
+
+
+class Reranker:
+    def __init__(self, backbone: Backbone, *, name: str = "sieve-rank", template: PromptTemplate = RANKGPT,
+                 max_passage_tokens: int = 256, max_query_tokens: int = 128, min_passage_tokens: int = 8,
+                 window: int = 20, stride: int = 10):
+        self.backbone, self.name = backbone, name
+        self.window, self.stride = window, stride
+        self.ids = IdTokens.from_tokenizer(backbone.tokenizer, max_id=100)
+        self.prompts = PromptBuilder(backbone.tokenizer, template, context=backbone.args.max_seq_len, ids=self.ids,
+                                     max_passage_tokens=max_passage_tokens, max_query_tokens=max_query_tokens,
+                                     min_passage_tokens=min_passage_tokens)
+
+    def rank(self, query: str, passages: list[str], *, mode: str = "full", top_k: int | None = None) -> RankResult:
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+        if isinstance(passages, str):
+            raise TypeError("passages is a list of strings")
+        if top_k is not None and top_k < 1:
+            raise ValueError("top_k must be at least 1")
+        n = len(passages)
+        t0 = time.perf_counter()
+        if n == 0:
+            return RankResult([], [], mode)
+        self.ids.digits_of(n, self.backbone.tokenizer)
+        p_ids = self.prompts.passage_ids(list(passages))
+        stats = RankStats()
+        if mode == "sliding":
+            result = self._sliding(query, p_ids, top_k, stats)
+        else:
+            reserve = (self.ids.output_length(n, top_k) if mode == "full"
+                       else len(self.ids.first_open) + _trie_size(self.ids, n))
+            prompt = self.prompts.build(query, p_ids, reserve=reserve)
+            stats.passage_cap, stats.truncated = prompt.passage_cap, prompt.truncated
+            if mode == "full":
+                order, answer = self._decode(prompt.ids, n, top_k, stats)
+                result = RankResult(order, [float(n - r) for r in range(len(order))], mode, stats, [answer])
+            else:
+                scores = first_scores(self.backbone.model, prompt.ids, self.ids, n)
+                stats.prompt_tokens += len(prompt.ids) + len(self.ids.first_open) + _trie_size(self.ids, n)
+                stats.forward_passes += 1
+                ranked = sorted(range(n), key=lambda i: (-float(scores[i]), i))[: top_k or n]
+                result = RankResult(ranked, [float(scores[i]) for i in ranked], mode, stats)
+        stats.seconds = time.perf_counter() - t0
+        return result
+
+    # ------------------------------------------------------------------------------------------------- parts
+
+    def _decode(self, prompt_ids: list[int], n: int, k: int | None, stats: RankStats) -> tuple[list[int], str]:
+        """Constrained greedy decoding of one answer -> (0-based order of k ids, answer text)."""
+        constraint = PermutationConstraint(self.ids, n, k)
+        tokens = []
+        for step in stream(self.backbone.model, [prompt_ids], max_new_tokens=self.ids.output_length(n, k),
+                           stop_tokens=[self.ids.eos], pad_id=self.backbone.tokenizer.pad_id,
+                           logits_processor=constraint):
+            tokens.append(int(step.tokens[0]))
+        stats.prompt_tokens += len(prompt_ids)
+        stats.generated_tokens += len(tokens)
+        stats.forward_passes += 1
+        if not constraint.done:
+            raise RuntimeError(f"decoding stopped after {len(constraint.emitted)} of {constraint.k} ids")
+        text = self.backbone.tokenizer.decode([t for t in tokens if t != self.ids.eos])
+        return constraint.order(), text
+
+    def _sliding(self, query: str, p_ids: list[list[int]], top_k: int | None, stats: RankStats) -> RankResult:
+        n = len(p_ids)
+        try:  # the cap the one-pass prompt gets for this list, so both strategies see the same passage text
+            cap = self.prompts.build(query, p_ids).passage_cap
+        except PromptTooLong:
+            cap = None  # too many for one pass: each window gets its own cap
+        order = list(range(n))
+        answers, caps = [], []
+        for start, end in sliding_windows(n, self.window, self.stride):
+            window = order[start:end]
+            prompt = self.prompts.build(query, [p_ids[i] for i in window], cap=cap)
+            caps.append(prompt.passage_cap)
+            ranked, answer = self._decode(prompt.ids, len(window), None, stats)
+            order[start:end] = [window[i] for i in ranked]
+            answers.append(answer)
+        stats.passage_cap = min(caps)
+        stats.truncated = sum(len(p) > stats.passage_cap for p in p_ids)
+        order = order[: top_k or n]
+        return RankResult(order, [float(n - r) for r in range(len(order))], "sliding", stats, answers)
+
+
+def _trie_size(ids: IdTokens, n: int) -> int:
+    return len({d[:j] for d in ids.digits_of(n) for j in range(1, len(d) + 1)})

@@ -1,0 +1,253 @@
+"""Train the `sieve-rank` LoRA adapter: full-list generation with an importance-aware loss, plus the FIRST objective.
+
+Each example (data.py: SciFact *train* claims, complete labels: positives first, the rest by a teacher) becomes one
+sequence, run in one forward:
+
+    prompt (all n passages) | target answer `[a] > [b] > ... <eos>` | the id trie (first.py)
+
+- Importance-aware listwise loss (the paper's): cross-entropy on the *id tokens* of the target answer only (the
+  format tokens are forced at inference and carry no loss), each normalized over what constrained decoding allows
+  at that step (so training sees the inference distribution), and weighted by the rank of the id it belongs to:
+  w(r) = 1 / log2(r + 2), the DCG discount, so the top of the list matters most.
+- FIRST objective: the trie gives every id's first-position sequence log-probability (first.py, the inference
+  scores); a weighted RankNet loss over all label pairs, weight 1 / (r_a + r_b + 2) (FIRST, Reddy et al. 2024).
+
+loss = lm_weight * importance-aware CE + first_weight * RankNet. The prompt is built exactly as at inference
+(`PromptBuilder`), with a smaller per-passage cap for training speed. Resumable from `checkpoint.pt`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .data import RankingExample, ScifactTrainLists
+from .first import MODE, TreeLayout, sequence_scores, tree_attention
+from .model_dir import ADAPTER, LORA_TARGETS, RerankerConfig
+from .permutation import IdTokens, PermutationConstraint
+from .prompt import TEMPLATES, PromptBuilder
+
+
+@dataclass
+class TrainConfig:
+    out: Path
+    data_root: Path
+    backbone: str = "smollm2-135m-instruct"
+    steps: int = 200
+    batch_size: int = 4  # lists per optimizer step (run one at a time, gradients accumulated)
+    n_min: int = 20  # passages per list, drawn uniformly in [n_min, n_max]
+    n_max: int = 50
+    max_passage_tokens: int = 64  # per-passage cap while training (inference derives its own from the context)
+    depth: int = 100  # BM25 candidates kept per training claim
+    teacher: str = "all-minilm-l6-v2"  # orders the non-positives: an embedder name/folder, or "bm25"
+    lm_weight: float = 1.0
+    first_weight: float = 1.0
+    lr: float = 2e-4
+    warmup: int = 10
+    lora_r: int = 16
+    lora_alpha: float = 32.0
+    template: str = "rankgpt"
+    dtype: str = "bfloat16"  # autocast dtype (float32: off)
+    seed: int = 0
+    save_every: int = 25
+
+
+def importance_weight(rank: int) -> float:
+    """Weight of the id tokens of the passage at 0-based `rank` in the target: the DCG discount."""
+    return 1.0 / math.log2(rank + 2)
+
+
+@dataclass
+class Encoded:
+    ids: torch.Tensor  # [1, prompt + answer + trie]
+    positions: torch.Tensor  # [1, same]
+    layout: TreeLayout
+    targets: list[tuple[int, list[int], int, float]]  # (position, allowed tokens, index of the target, weight)
+    label: list[int]  # 0-based passage order
+    root_at: int  # position whose logits score the first digit
+
+
+def encode_example(ex: RankingExample, builder: PromptBuilder, ids: IdTokens) -> Encoded:
+    """The training sequence of one list and where its losses read logits."""
+    n = len(ex.passages)
+    prompt = builder.build(ex.query, ex.passages)
+    answer = ids.output_ids(ex.order)
+    p = len(prompt.ids)
+    visible = p + len(ids.first_open)
+    layout = TreeLayout.build(ids, n, causal_len=p + len(answer), visible=visible)
+    constraint = PermutationConstraint(ids, n)
+    targets = []
+    for j, tok in enumerate(answer):
+        allowed = constraint.allowed()
+        if len(allowed) > 1:  # a choice: an id token; forced format tokens carry no loss
+            rank = len(constraint.emitted)
+            targets.append((p - 1 + j, allowed, allowed.index(tok), importance_weight(rank)))
+        constraint.advance(tok)
+    seq = torch.tensor([prompt.ids + answer + layout.tokens], dtype=torch.long)
+    positions = layout.positions(torch.arange(layout.causal_len))
+    return Encoded(seq, positions, layout, targets, list(ex.order), visible - 1)
+
+
+def losses(model, enc: Encoded, ids: IdTokens, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(importance-aware CE over id tokens, weighted RankNet over FIRST scores) of one list."""
+    seq, pos = enc.ids.to(device), enc.positions.to(device)
+    with tree_attention(enc.layout, device):
+        hidden = model(seq, position_ids=pos, mode=MODE, return_hidden=True, return_logits=False).hidden_states[0]
+    c, m = enc.layout.causal_len, len(enc.layout.tokens)
+    at = torch.tensor([t[0] for t in enc.targets] + [enc.root_at] + list(range(c, c + m)), device=device)
+    logits = model.output(hidden[at]).float()
+    nll, weights = [], []
+    for row, (_, allowed, target, w) in enumerate(enc.targets):
+        logp = torch.log_softmax(logits[row, torch.tensor(allowed, device=device)], -1)
+        nll.append(-logp[target] * w)
+        weights.append(w)
+    lm = torch.stack(nll).sum() / sum(weights)
+    k = len(enc.targets)
+    scores = sequence_scores(logits[k], logits[k + 1:], enc.layout, ids.close)  # [n], by id
+    ranked = scores[torch.tensor(enc.label, device=device)]  # scores in label order
+    n = ranked.shape[0]
+    r = torch.arange(n, device=device, dtype=torch.float32)
+    upper = torch.triu(torch.ones(n, n, dtype=torch.bool, device=device), diagonal=1)  # a ranked above b
+    w = (1.0 / (r[:, None] + r[None, :] + 2)).masked_fill(~upper, 0.0)
+    first = (w * F.softplus(ranked[None, :] - ranked[:, None])).sum() / w.sum().clamp(min=1e-9)
+    return lm, first
+
+
+def lora_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """peft's `x.lora_A.default.weight` -> our `x.lora_A` (float32, contiguous)."""
+    out = {}
+    for name, p in model.named_parameters():
+        if ".lora_A." in name or ".lora_B." in name:
+            base, kind = name.split(".lora_")[0], "lora_A" if ".lora_A." in name else "lora_B"
+            out[f"{base}.{kind}"] = p.detach().float().contiguous().cpu()
+    return out
+
+
+def train(cfg: TrainConfig, *, home: Path, device: str = "auto", progress: bool = True,
+          lists: ScifactTrainLists | None = None) -> dict:
+    """Train (or resume) into `cfg.out`; `lists`: a prebuilt example source (tests pass a small one)."""
+    from peft import LoraConfig, inject_adapter_in_model
+    from safetensors.torch import save_file
+    from sieve.backbone import load_backbone
+
+    from sieve.registry import resolve_backbone
+
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    backbone = load_backbone(resolve_backbone(cfg.backbone), home=home, device=device, dtype="float32")
+    return train_on(backbone, cfg, lists or ScifactTrainLists(cfg.data_root, depth=cfg.depth, teacher=cfg.teacher,
+                                                              home=home), progress=progress,
+                    save=lambda model: save_file(lora_state(model), str(cfg.out / ADAPTER)),
+                    inject=lambda m: inject_adapter_in_model(
+                        LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=LORA_TARGETS,
+                                   lora_dropout=0.0), m))
+
+
+def train_on(backbone, cfg: TrainConfig, lists, *, progress: bool, save, inject) -> dict:
+    """The loop, on an already loaded backbone (which gets LoRA layers injected)."""
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    model = inject(backbone.model)
+    params = [p for n, p in model.named_parameters() if "lora_" in n]
+    for p in params:
+        p.requires_grad_(True)
+    ids = IdTokens.from_tokenizer(backbone.tokenizer, max_id=cfg.n_max)
+    builder = PromptBuilder(backbone.tokenizer, TEMPLATES[cfg.template], context=backbone.args.max_seq_len, ids=ids,
+                            max_passage_tokens=cfg.max_passage_tokens)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / cfg.warmup) * max(0.0, 1 - s / max(cfg.steps, 1)) ** 0.5)
+    rng = random.Random(cfg.seed)
+    start, history = 0, []
+    ckpt = cfg.out / "checkpoint.pt"
+    if ckpt.is_file():
+        state = torch.load(ckpt, weights_only=False)
+        model.load_state_dict(state["lora"], strict=False)
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start, history = state["step"], state["history"]
+        rng.setstate(state["rng"])
+        torch.set_rng_state(state["torch_rng"])
+
+    dev = backbone.device
+    amp = torch.autocast(device_type=dev.type, dtype=getattr(torch, cfg.dtype), enabled=cfg.dtype != "float32")
+    t0 = time.perf_counter()
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = [TextColumn("training sieve-rank"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+               TextColumn("lm {task.fields[lm]:.3f} first {task.fields[first]:.3f}")]
+    with Progress(*columns, disable=not progress) as bar:
+        task = bar.add_task("train", total=cfg.steps, completed=start, lm=float("nan"), first=float("nan"))
+        model.train()
+        for step in range(start, cfg.steps):
+            opt.zero_grad(set_to_none=True)
+            lm_sum = first_sum = 0.0
+            sizes = []
+            for _ in range(cfg.batch_size):
+                qid = rng.choice(lists.qids)
+                n = rng.randint(cfg.n_min, cfg.n_max)
+                enc = encode_example(lists.example(qid, n, rng), builder, ids)
+                sizes.append(len(enc.label))
+                with amp:
+                    lm, first = losses(model, enc, ids, dev)
+                loss = (cfg.lm_weight * lm + cfg.first_weight * first) / cfg.batch_size
+                loss.backward()
+                lm_sum, first_sum = lm_sum + lm.item(), first_sum + first.item()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            lm_avg, first_avg = lm_sum / cfg.batch_size, first_sum / cfg.batch_size
+            history.append({"step": step + 1, "lm": round(lm_avg, 5), "first": round(first_avg, 5),
+                            "passages": sizes})
+            bar.update(task, advance=1, lm=lm_avg, first=first_avg)
+            if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+                torch.save({"step": step + 1, "lora": {n: p.detach().clone() for n, p in model.named_parameters()
+                                                       if "lora_" in n},
+                            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "history": history,
+                            "rng": rng.getstate(), "torch_rng": torch.get_rng_state()}, ckpt.with_suffix(".tmp"))
+                ckpt.with_suffix(".tmp").replace(ckpt)
+
+    model.eval()
+    save(model)
+    RerankerConfig(backbone=cfg.backbone, template=cfg.template, lora_r=cfg.lora_r,
+                   lora_alpha=cfg.lora_alpha).save(cfg.out)
+    summary = {"steps": cfg.steps, "seconds_this_run": round(time.perf_counter() - t0, 1),
+               "final_lm_avg10": round(float(np.mean([h["lm"] for h in history[-10:]])), 4) if history else None,
+               "final_first_avg10": round(float(np.mean([h["first"] for h in history[-10:]])), 4) if history else None,
+               "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()},
+               "device": str(backbone.device)}
+    (cfg.out / "train_log.json").write_text(json.dumps({"summary": summary, "history": history}, indent=1))
+    write_model_card(cfg, summary)
+    return summary
+
+
+def write_model_card(cfg: TrainConfig, summary: dict) -> None:
+    from sieve.results import command_line, git_commit
+
+    c = summary["config"]
+    (cfg.out / "README.md").write_text(f"""# sieve-rank
+
+LoRA adapter (r={cfg.lora_r}, alpha={cfg.lora_alpha}, on {", ".join(LORA_TARGETS)}) for {cfg.backbone}: listwise
+reranking of a whole candidate list in one pass (`full`), first-token scoring (`first`) and the sliding-window
+baseline, all from `sieve.reranker`.
+
+- Made by: `{command_line()}` at git {git_commit()}, {summary["steps"]} steps, {summary["seconds_this_run"]} s
+  (this run) on {summary["device"]}.
+- Data: SciFact **train** claims only (`../shared/data/retrieval/scifact/qrels/train.tsv`, CC BY-NC: research use);
+  candidates are the BM25 (bm25s) top-{c["depth"]} of the SciFact corpus; labels are complete rankings:
+  judged positives first, then the rest ordered by the teacher `{cfg.teacher}`. No test split was used.
+- Lists of {cfg.n_min}-{cfg.n_max} passages, each cut to {cfg.max_passage_tokens} tokens, template `{cfg.template}`.
+- Loss: {cfg.lm_weight} x importance-aware cross-entropy on id tokens (DCG-discounted by rank, normalized over
+  the constrained choices) + {cfg.first_weight} x weighted RankNet on first-position id scores (FIRST).
+- Final loss (mean of the last 10 steps): lm {summary["final_lm_avg10"]}, first {summary["final_first_avg10"]}.
+  Full history in `train_log.json`.
+""")

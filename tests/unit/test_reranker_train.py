@@ -1,0 +1,134 @@
+"""Reranker training on a tiny random backbone: complete labels from train qrels, which tokens carry the
+importance-aware loss, gradients, learning on a fixed list, checkpoint/resume, and the adapter loading back."""
+
+import json
+import random
+
+import pytest
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+from sieve.backbone import ModelArgs, load_backbone
+from sieve.reranker import IdTokens, PromptBuilder
+from sieve.reranker.data import RankingExample, ScifactTrainLists
+from sieve.reranker.model_dir import LORA_TARGETS, merge_lora
+from sieve.reranker.train import TrainConfig, encode_example, importance_weight, lora_state, losses, train_on
+
+from .tiny_files import write_tiny_gguf
+
+
+@pytest.fixture(scope="module")
+def gguf(tmp_path_factory):
+    args = ModelArgs.from_name("tiny")
+    args.max_seq_len = 2048
+    path = tmp_path_factory.mktemp("rrt") / "tiny.gguf"
+    write_tiny_gguf(path, args)
+    return path
+
+
+def fresh_backbone(gguf, tmp_path):
+    return load_backbone(gguf, home=tmp_path / "home", device="cpu", dtype="float32")
+
+
+def inject(model):
+    return inject_adapter_in_model(LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS, lora_dropout=0.0),
+                                   model)
+
+
+class FixedLists:
+    """A stand-in for ScifactTrainLists: one query, passages in a fixed order, label reversed."""
+
+    qids = ["q1"]
+
+    def example(self, qid, n, rng):
+        return RankingExample("hello world", [f"passage {i} about cells" for i in range(n)], list(range(n))[::-1], 1)
+
+
+def test_importance_weights_fall_with_rank():
+    w = [importance_weight(r) for r in range(100)]
+    assert w[0] == 1.0 and all(a > b for a, b in zip(w, w[1:]))
+
+
+def test_encoded_example_puts_loss_on_id_choices_only(gguf, tmp_path):
+    bb = fresh_backbone(gguf, tmp_path)
+    ids = IdTokens.from_tokenizer(bb.tokenizer, max_id=12)
+    builder = PromptBuilder(bb.tokenizer, context=bb.args.max_seq_len, ids=ids, max_passage_tokens=16)
+    ex = RankingExample("q", [f"p{i}" for i in range(12)], [11, 0, 5, 1, 2, 3, 4, 6, 7, 8, 9, 10], 1)
+    enc = encode_example(ex, builder, ids)
+    prompt = builder.build("q", ex.passages)
+    answer = ids.output_ids(ex.order)
+    assert enc.ids[0].tolist() == prompt.ids + answer + enc.layout.tokens
+    # every target position predicts the answer token that follows it, and that token is allowed there
+    for pos, allowed, target, _ in enc.targets:
+        assert enc.ids[0, pos + 1].item() == allowed[target] and len(allowed) > 1
+    # format tokens are forced (no loss); the last id is forced too: only one id is left
+    assert ids.close in [a[t] for _, a, t, _ in enc.targets]  # `]` is a choice after `1` (10, 11, 12 exist)
+    assert all(ids.separator[0] != a[t] for _, a, t, _ in enc.targets)
+    weights = [w for *_, w in enc.targets]
+    assert weights == sorted(weights, reverse=True) and weights[0] == 1.0
+    # positions: the trie sits at the opener's position + depth
+    assert enc.positions[0, -len(enc.layout.tokens):].min().item() == len(prompt.ids) + len(ids.first_open)
+
+
+def test_losses_are_finite_and_reach_the_adapter(gguf, tmp_path):
+    bb = fresh_backbone(gguf, tmp_path)
+    model = inject(bb.model)
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name)
+    ids = IdTokens.from_tokenizer(bb.tokenizer, max_id=15)
+    builder = PromptBuilder(bb.tokenizer, context=bb.args.max_seq_len, ids=ids, max_passage_tokens=16)
+    enc = encode_example(FixedLists().example("q1", 15, None), builder, ids)
+    lm, first = losses(model, enc, ids, bb.device)
+    assert torch.isfinite(lm) and torch.isfinite(first) and lm > 0 and first > 0
+    (lm + first).backward()
+    grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n]
+    assert grads and all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+
+
+def test_training_learns_a_fixed_list_resumes_and_loads_back(gguf, tmp_path):
+    bb = fresh_backbone(gguf, tmp_path)
+    cfg = TrainConfig(out=tmp_path / "out", data_root=tmp_path, steps=16, batch_size=1, n_min=6, n_max=6, lr=1e-2,
+                      warmup=1, dtype="float32", save_every=8, max_passage_tokens=16)
+    saved = {}
+    train_on(bb, cfg, FixedLists(), progress=False, save=lambda m: saved.update(lora_state(m)), inject=inject)
+    history = json.loads((cfg.out / "train_log.json").read_text())["history"]
+    assert [h["step"] for h in history] == list(range(1, 17))
+    assert history[-1]["first"] < history[0]["first"] and history[-1]["lm"] < history[0]["lm"]
+    assert (cfg.out / "checkpoint.pt").is_file() and json.loads((cfg.out / "reranker.json").read_text())["lora_r"]
+
+    cfg.steps = 18  # resume: only steps 17 and 18 run
+    train_on(fresh_backbone(gguf, tmp_path), cfg, FixedLists(), progress=False, save=lambda m: None, inject=inject)
+    history = json.loads((cfg.out / "train_log.json").read_text())["history"]
+    assert [h["step"] for h in history] == list(range(1, 19))
+
+    plain = fresh_backbone(gguf, tmp_path)
+    before = plain.model.layers[0].attention.wqkv.weight.clone()
+    assert merge_lora(plain.model, saved, 8 / 4) == 4 * plain.args.n_layers
+    assert not torch.equal(before, plain.model.layers[0].attention.wqkv.weight)
+
+
+def write_beir(folder, docs: dict[str, str], queries: dict[str, str], qrels: list[tuple[str, str, int]]):
+    (folder / "qrels").mkdir(parents=True)
+    (folder / "corpus.jsonl").write_text("".join(json.dumps({"_id": k, "title": "", "text": v}) + "\n"
+                                                 for k, v in docs.items()))
+    (folder / "queries.jsonl").write_text("".join(json.dumps({"_id": k, "text": v}) + "\n" for k, v in queries.items()))
+    (folder / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\n" +
+                                                "".join(f"{q}\t{d}\t{g}\n" for q, d, g in qrels))
+
+
+def test_complete_labels_put_train_positives_first(tmp_path):
+    docs = {f"d{i}": f"aspirin heart study number {i} " + "filler " * i for i in range(30)}
+    docs["gold"] = "unrelated words about galaxies and stars"  # a positive BM25 will not retrieve
+    docs["gold2"] = "aspirin heart aspirin heart aspirin heart"
+    write_beir(tmp_path / "retrieval" / "scifact", docs, {"q1": "aspirin heart", "q2": "filler"},
+               [("q1", "gold", 1), ("q1", "gold2", 1), ("q2", "d29", 1)])
+    lists = ScifactTrainLists(tmp_path, depth=30, teacher="bm25")
+    assert lists.qids == ["q1", "q2"]
+    ex = lists.example("q1", 10, random.Random(0))
+    assert len(ex.passages) == 10 and sorted(ex.order) == list(range(10)) and ex.positives == 2
+    top = {ex.passages[i] for i in ex.order[:2]}
+    assert top == {lists.corpus["gold"], lists.corpus["gold2"]}  # positives first, the unretrieved one included
+    # the rest follows the teacher (BM25 here): scores non-increasing along the label
+    by_doc = dict(lists.bm25["q1"])
+    text_to_id = {v: k for k, v in lists.corpus.items()}
+    rest = [by_doc.get(text_to_id[ex.passages[i]], 0.0) for i in ex.order[2:]]
+    assert rest == sorted(rest, reverse=True)
