@@ -1,0 +1,232 @@
+"""Weight-only quantized matmul: int8 per output channel and int4 group-wise, y = x @ dequant(W)^T.
+
+Formats (what `quantize_int8` / `quantize_int4` produce, and what the kernels read):
+
+    int8  w_q [N, K] int8, scales [N] float32          w = w_q * scale            (symmetric)
+    int4  w_q [N, Kp // 2] uint8, two values per byte:  low nibble = even k, high nibble = odd k,
+          scales, zeros [N, Kp // G] float32            w = (q - 8) * scale + zero  (asymmetric, q in 0..15)
+
+Kp is K rounded up to the group size G (padding columns quantize to 0 and meet x's masked zeros). The int4
+convention is the one of torch's CPU `_weight_int4pack_mm_for_cpu` (and gpt-fast), so the CPU path can use it.
+
+Each op has `<op>_reference` (plain torch: dequantize, then matmul in float32) and `<op>` (the Triton launcher,
+same signature). One kernel serves both regimes: GEMV for decode (M <= 16: one 16-row tile, split-K over K so
+that enough programs run) and GEMM for prefill (larger tiles, no split). Accumulation is float32.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+GEMV_MAX_M = 16
+
+
+# --------------------------------------------------------------------------------------------- quantization
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] float -> (w_q [N, K] int8, scales [N] float32), symmetric per output channel."""
+    w = w.float()
+    scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-10)
+    w_q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    return w_q, scales
+
+
+def dequantize_int8(w_q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return w_q.float() * scales.float()[:, None]
+
+
+def padded_k(k: int, group_size: int) -> int:
+    return -(-k // group_size) * group_size
+
+
+def quantize_int4(w: torch.Tensor, group_size: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """w [N, K] float -> (w_q [N, Kp/2] uint8, scales [N, Kp/G], zeros [N, Kp/G]), asymmetric min/max per group."""
+    n, k = w.shape
+    kp = padded_k(k, group_size)
+    w = torch.nn.functional.pad(w.float(), (0, kp - k)).view(n, kp // group_size, group_size)
+    lo, hi = w.amin(-1), w.amax(-1)
+    scales = ((hi - lo) / 15.0).clamp(min=1e-10)
+    zeros = lo + 8.0 * scales  # w = (q - 8) * scale + zero  <=>  q = (w - lo) / scale
+    q = torch.round((w - lo[..., None]) / scales[..., None]).clamp(0, 15).to(torch.uint8).view(n, kp)
+    return pack_int4(q), scales, zeros
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """[N, Kp] values 0..15 -> [N, Kp/2] uint8 (even k in the low nibble)."""
+    q = q.to(torch.uint8)
+    return q[:, 0::2] | (q[:, 1::2] << 4)
+
+
+def unpack_int4(w_q: torch.Tensor) -> torch.Tensor:
+    """[N, Kp/2] uint8 -> [N, Kp] uint8 values 0..15."""
+    return torch.stack([w_q & 0xF, w_q >> 4], dim=-1).view(w_q.shape[0], -1)
+
+
+def dequantize_int4(w_q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, k: int) -> torch.Tensor:
+    """-> w [N, k] float32."""
+    q = unpack_int4(w_q).float()
+    n, kp = q.shape
+    g = kp // scales.shape[1]
+    w = (q.view(n, -1, g) - 8.0) * scales[..., None].float() + zeros[..., None].float()
+    return w.view(n, kp)[:, :k]
+
+
+# ------------------------------------------------------------------------------------------- references
+
+
+def int8_matmul_reference(x: torch.Tensor, w_q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x [..., K] @ (w_q * scales)^T -> [..., N] in x's dtype."""
+    return (x.float() @ dequantize_int8(w_q, scales).t()).to(x.dtype)
+
+
+def int4_matmul_reference(x: torch.Tensor, w_q: torch.Tensor, scales: torch.Tensor,
+                          zeros: torch.Tensor) -> torch.Tensor:
+    """x [..., K] @ dequant(w_q, scales, zeros)[:, :K]^T -> [..., N] in x's dtype."""
+    return (x.float() @ dequantize_int4(w_q, scales, zeros, x.shape[-1]).t()).to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _int8_matmul_kernel(
+    x_ptr, w_ptr, s_ptr, out_ptr,
+    M, N, K,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_os, stride_om, stride_on,
+    K_PER_SPLIT,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
+):
+    # grid: (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), SPLIT_K); program (pid, s) owns out[s, m-tile, n-tile]
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    num_n = tl.cdiv(N, BLOCK_N)
+    pid_m, pid_n = pid // num_n, pid % num_n
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_start = split * K_PER_SPLIT
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_start, k_start + K_PER_SPLIT, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < K
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=(offs_m[:, None] < M) & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk,
+                    mask=(offs_n[None, :] < N) & k_ok[:, None], other=0)  # [BLOCK_K, BLOCK_N]
+        if IEEE:
+            acc += tl.dot(x, w.to(x.dtype), input_precision="ieee")
+        else:
+            acc += tl.dot(x, w.to(x.dtype))
+    scale = tl.load(s_ptr + offs_n, mask=offs_n < N, other=0.0)
+    acc = acc * scale[None, :]
+    out = out_ptr + split * stride_os + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+@triton.jit
+def _int4_matmul_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, out_ptr,
+    M, N, K,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sg, stride_os, stride_om, stride_on,
+    K_PER_SPLIT,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
+):
+    # BLOCK_K divides GROUP, so a K tile has one scale/zero per column n. x is read as its even and odd
+    # columns, which meet the low and high nibbles of the packed bytes: no interleave in registers.
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    num_n = tl.cdiv(N, BLOCK_N)
+    pid_m, pid_n = pid // num_n, pid % num_n
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_h = tl.arange(0, BLOCK_K // 2)  # byte index within the tile
+    n_ok = offs_n < N
+    k_start = split * K_PER_SPLIT
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_start, k_start + K_PER_SPLIT, BLOCK_K):
+        k_even = k0 + 2 * offs_h
+        x_rows = x_ptr + offs_m[:, None] * stride_xm
+        m_ok = offs_m[:, None] < M
+        x_lo = tl.load(x_rows + k_even[None, :] * stride_xk, mask=m_ok & (k_even[None, :] < K), other=0.0)
+        x_hi = tl.load(x_rows + (k_even[None, :] + 1) * stride_xk, mask=m_ok & (k_even[None, :] + 1 < K), other=0.0)
+        byte = (k0 // 2 + offs_h)[:, None]
+        packed = tl.load(w_ptr + offs_n[None, :] * stride_wn + byte * stride_wk,
+                         mask=n_ok[None, :] & (2 * byte < K), other=0)  # [BLOCK_K/2, BLOCK_N] uint8
+        g = k0 // GROUP
+        g_ok = n_ok & ((offs_n * 0 + k0) < K)  # (a scalar condition broadcast: the interpreter wants a tensor)
+        scale = tl.load(s_ptr + offs_n * stride_sn + g * stride_sg, mask=g_ok, other=0.0)[None, :]
+        zero = tl.load(z_ptr + offs_n * stride_sn + g * stride_sg, mask=g_ok, other=0.0)[None, :]
+        w_lo = (((packed & 0xF).to(tl.float32) - 8.0) * scale + zero).to(x_lo.dtype)
+        w_hi = (((packed >> 4).to(tl.float32) - 8.0) * scale + zero).to(x_lo.dtype)
+        if IEEE:
+            acc += tl.dot(x_lo, w_lo, input_precision="ieee")
+            acc += tl.dot(x_hi, w_hi, input_precision="ieee")
+        else:
+            acc += tl.dot(x_lo, w_lo)
+            acc += tl.dot(x_hi, w_hi)
+    out = out_ptr + split * stride_os + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & n_ok[None, :])
+
+
+# --------------------------------------------------------------------------------------------- launchers
+
+
+def _launch_config(m: int, n: int, k: int, block_k: int, device: torch.device) -> dict:
+    """GEMV (m <= 16): 16-row tile, split-K until the grid has ~2 programs per SM. GEMM: bigger tiles."""
+    if m <= GEMV_MAX_M:
+        block_n = 64
+        k_blocks = triton.cdiv(k, block_k)
+        programs = triton.cdiv(n, block_n)
+        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+        split = max(1, min(k_blocks, triton.cdiv(2 * sms, programs), 16))
+        return dict(BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, split=split, num_warps=4)
+    big = m >= 128 and n >= 128
+    return dict(BLOCK_M=64 if big else 32, BLOCK_N=128 if big else 64, BLOCK_K=min(block_k, 64), split=1,
+                num_warps=8 if big else 4)
+
+
+def _run(kernel, x: torch.Tensor, n: int, k: int, block_k: int, weights: tuple, weight_strides: tuple,
+         extra_constexpr: dict) -> torch.Tensor:
+    # (1) flatten leading dims, (2) pick GEMV/GEMM config, (3) allocate per-split partial outputs, (4) launch, sum
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    cfg = _launch_config(m, n, k, block_k, x.device)
+    k_blocks = triton.cdiv(k, cfg["BLOCK_K"])
+    per_split = triton.cdiv(k_blocks, cfg["split"]) * cfg["BLOCK_K"]
+    split = triton.cdiv(k, per_split)
+    out = torch.empty((split, m, n), device=x.device, dtype=torch.float32 if split > 1 else x.dtype)
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]), split)
+    kernel[grid](
+        x2, *weights, out, m, n, k, x2.stride(0), x2.stride(1), *weight_strides,
+        out.stride(0), out.stride(1), out.stride(2), per_split,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+        IEEE=x.dtype == torch.float32, num_warps=cfg["num_warps"], **extra_constexpr,
+    )
+    y = out[0] if split == 1 else out.sum(0).to(x.dtype)
+    return y.view(*lead, n)
+
+
+def int8_matmul(x: torch.Tensor, w_q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Triton: same contract as `int8_matmul_reference`."""
+    n, k = w_q.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"x has K={x.shape[-1]}, weight has K={k}")
+    return _run(_int8_matmul_kernel, x, n, k, 128, (w_q, scales), (w_q.stride(0), w_q.stride(1)), {})
+
+
+def int4_matmul(x: torch.Tensor, w_q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """Triton: same contract as `int4_matmul_reference`."""
+    n = w_q.shape[0]
+    k = x.shape[-1]
+    kp = 2 * w_q.shape[1]
+    group = kp // scales.shape[1]
+    if not (kp - group < k <= kp) or group not in (32, 64, 128, 256):
+        raise ValueError(f"x has K={k}, packed weight holds {kp} columns in groups of {group}")
+    if scales.stride() != zeros.stride():
+        zeros = zeros.reshape(scales.shape).contiguous()
+        scales = scales.contiguous()
+    return _run(_int4_matmul_kernel, x, n, k, min(group, 128), (w_q, scales, zeros),
+                (w_q.stride(0), w_q.stride(1), scales.stride(0), scales.stride(1)), {"GROUP": group})
