@@ -67,10 +67,13 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tenso
     return ids, (None if bool(mask.all()) else mask)
 
 
-def prefill(model: Transformer, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-    """Run the prompt through the model, filling the cache from 0; -> last-position logits [B, V]."""
+def prefill(model: Transformer, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+            mode: str = "causal") -> torch.Tensor:
+    """Run the prompt through the model, filling the cache from 0; -> last-position logits [B, V].
+    `mode` is the attention mode of this pass (e.g. "sparse" for long prompts); decoding steps stay causal."""
     last = torch.full((input_ids.shape[0],), input_ids.shape[1] - 1, device=input_ids.device)
-    out = model(input_ids, attention_mask=attention_mask, input_pos=0, return_hidden=False, logits_at=last)
+    out = model(input_ids, attention_mask=attention_mask, input_pos=0, return_hidden=False, logits_at=last,
+                mode=mode)
     return out.logits[:, -1]
 
 
@@ -95,6 +98,7 @@ def stream(
     top_p: float | None = None,
     logits_processor: LogitsProcessor | None = None,
     generator: torch.Generator | None = None,
+    prefill_mode: str = "causal",
 ) -> Iterator[Step]:
     device = model.tok_embeddings.weight.device
     input_ids, mask = left_pad(prompts, pad_id)
@@ -112,7 +116,7 @@ def stream(
     stop = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long, device=device)
     finished = torch.zeros(b, dtype=torch.bool, device=device)
     generated = torch.empty((b, 0), dtype=torch.long, device=device)
-    logits = prefill(model, input_ids, full_mask[:, :t] if full_mask is not None else None)
+    logits = prefill(model, input_ids, full_mask[:, :t] if full_mask is not None else None, prefill_mode)
     for i in range(max_new_tokens):
         if logits_processor is not None:
             logits = logits_processor(generated, logits)

@@ -23,16 +23,39 @@ db_app = typer.Typer(help="The SQL store: migrations.", no_args_is_help=True)
 app.add_typer(train_app, name="train")
 app.add_typer(eval_app, name="eval")
 app.add_typer(db_app, name="db")
+def _apply_runtime_options(bb, quant: str | None, attention: str = "causal") -> None:
+    """--quant swaps the linears for weight-only int8/int4 ones; --attention sparse registers the sparse modes."""
+    from sieve.kernels import register_sparse_attention
+
+    register_sparse_attention()
+    if attention not in ("causal", "sparse"):
+        raise fail(f"--attention {attention!r}: choose causal or sparse")
+    if quant is not None:
+        from sieve.backbone.quant import quantize
+
+        if quant not in ("int8", "int4"):
+            raise fail(f"--quant {quant!r}: choose int8 or int4")
+        with err.status(f"quantizing weights to {quant} ..."):
+            quantize(bb.model, quant)
+
+
 @app.command()
-def info(as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False) -> None:
+def info(
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+    quant: Annotated[str | None, typer.Option(help="show the backbone quantized: int8 or int4")] = None,
+) -> None:
     """Show the backbone in use: size, device, dtype, cache, and how long loading took."""
     import torch
 
     from sieve.backbone import ATTENTION_MODES
+    from sieve.backbone.quant import quant_summary
+    from sieve.kernels import SparseConfig
 
     settings = cli_settings()
     bb = load_backbone_or_exit(settings)
+    _apply_runtime_options(bb, quant)
     a = bb.args
+    sparse = SparseConfig()
     facts = {
         "backbone": settings.backbone,
         "source": str(bb.source),
@@ -47,6 +70,9 @@ def info(as_json: Annotated[bool, typer.Option("--json", help="print one JSON ob
         "this_load_s": round(bb.load_seconds, 3),
         "loaded_from": "source (converted now)" if bb.converted_now else ("cache" if bb.cache_dir else "source"),
         "attention_modes": sorted(ATTENTION_MODES),
+        "sparse_attention": f"block {sparse.block_size}, gamma {sparse.gamma}, dense below {sparse.min_length} keys; "
+                            f"{'triton' if bb.device.type == 'cuda' else 'torch reference (cpu)'}",
+        "quantization": quant_summary(bb.model),
         "torch": torch.__version__,
     }
     if bb.cache_rebuilt_reason:
@@ -64,6 +90,8 @@ def info(as_json: Annotated[bool, typer.Option("--json", help="print one JSON ob
             k, v = "this start", f"{v:.2f} s"
         elif isinstance(v, list):
             v = ", ".join(v)
+        elif isinstance(v, dict):
+            v = ", ".join(f"{a}: {b}" for a, b in v.items())
         table.add_row(f"[bold]{k}[/]", str(v))
     console.print(table)
 
@@ -78,6 +106,8 @@ def generate(
     seed: Annotated[int | None, typer.Option(help="seed for sampling")] = None,
     chat: Annotated[bool, typer.Option(help="wrap the prompt in the model's chat template")] = True,
     system: Annotated[str | None, typer.Option(help="system message (chat mode)")] = None,
+    quant: Annotated[str | None, typer.Option(help="weight-only quantization: int8 or int4")] = None,
+    attention: Annotated[str, typer.Option(help="prompt attention: causal or sparse (block-sparse)")] = "causal",
 ) -> None:
     """Stream the backbone's answer to PROMPT, token by token."""
     import torch
@@ -88,12 +118,13 @@ def generate(
     if not prompt.strip():
         raise fail("the prompt is empty")
     bb = load_backbone_or_exit(settings)
+    _apply_runtime_options(bb, quant, attention)
     generator = torch.Generator(device=bb.device).manual_seed(seed) if seed is not None else None
     ids = bb.encode_prompt(prompt, chat=chat, system=system)
     n, t0 = 0, time.perf_counter()
     try:
         tokens = bb.stream_ids(ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                               top_p=top_p, generator=generator)
+                               top_p=top_p, generator=generator, prefill_mode=attention)
 
         def counted():
             nonlocal n

@@ -48,9 +48,9 @@ class Settings(BaseSettings):
     # -- serving (sieve.service) --
     grpc_host: str = Field("127.0.0.1", description="address the gRPC server binds; 0.0.0.0 to serve other hosts")
     grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0: any free port")
-    metrics_port: int | None = Field(
-        9464, ge=0, le=65535, description="Prometheus /metrics HTTP port (on grpc_host); 0: any free port; "
-        "unset (SIEVE_METRICS_PORT=null): no metrics endpoint")
+    metrics_port: int = Field(
+        9464, ge=-1, le=65535, description="Prometheus /metrics HTTP port (on grpc_host); 0: any free port; "
+        "-1: no metrics endpoint")
     admin_key: SecretStr | None = Field(
         None, description="a bootstrap API key with every scope. Auth is off only while this is unset and no key "
         "was ever created (`sieve keys create`): the local embedded default")

@@ -39,6 +39,13 @@ def test_generate_streams_and_reports(tiny_env):
     out = run_cli("generate", "hello", "--max-new-tokens", "5", "--no-chat", env=tiny_env)
     assert out.returncode == 0, out.stderr
     assert "generated" in out.stderr and "tokens/s" in out.stderr
+    quick = run_cli("generate", "hello", "--max-new-tokens", "5", "--no-chat", "--quant", "int8", "--attention",
+                    "sparse", env=tiny_env)
+    assert quick.returncode == 0 and "generated" in quick.stderr, quick.stderr
+    info = json.loads(run_cli("info", "--json", "--quant", "int8", env=tiny_env).stdout)
+    assert info["quantization"]["scheme"] == "int8" and "sparse" in info["attention_modes"]
+    bad = run_cli("generate", "hello", "--quant", "int3", env=tiny_env)
+    assert bad.returncode == 1 and "int8 or int4" in bad.stderr
 
 
 def test_bad_inputs_give_one_clear_error(tiny_env, tmp_path):
