@@ -84,7 +84,7 @@ def pipeline(path: Path, embedder_name: str, workers: int, threads: int, n_docs:
              for log in logs]
     try:
         deadline = time.monotonic() + 120
-        while not all("ready" in (home / f"worker{i}.log").read_text() for i in range(workers)):
+        while not all("sieve worker ready" in (home / f"worker{i}.log").read_text() for i in range(workers)):
             if time.monotonic() > deadline:
                 raise TimeoutError("workers did not start")
             time.sleep(0.2)

@@ -13,6 +13,7 @@ from rich.table import Table
 
 from sieve import cli_index
 from sieve.cli_common import cli_settings, console, err, fail, load_backbone_or_exit
+from sieve.refrag.cli import answer, eval_refrag, train_refrag
 from sieve.reranker.cli import eval_reranker, rerank, train_reranker
 
 app = typer.Typer(help="Sieve: embeddings, full ranking and compressed RAG answers from one small LLM backbone.",
@@ -260,6 +261,9 @@ cli_index.register(app)
 app.command("rerank")(rerank)
 train_app.command("reranker")(train_reranker)
 eval_app.command("reranker")(eval_reranker)
+app.command("answer")(answer)
+train_app.command("refrag")(train_refrag)
+eval_app.command("refrag")(eval_refrag)
 
 if __name__ == "__main__":
     app()

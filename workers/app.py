@@ -26,7 +26,8 @@ def make_app(settings: Settings | None = None) -> Celery:
         task_reject_on_worker_lost=True,  # a task whose worker died is requeued (where the transport can)
         worker_prefetch_multiplier=1,  # hold one message at a time: the rest stay available to other workers
         broker_connection_retry_on_startup=True,
-        worker_hijack_root_logger=False,
+        worker_hijack_root_logger=False,  # the CLI has set up logging (rich, SIEVE_LOG_LEVEL)
+        worker_redirect_stdouts=False,  # redirected, our stderr handler would write into the logger itself
         worker_send_task_events=False,
     )
     if broker.startswith("sqla+"):

@@ -8,6 +8,8 @@ it sends a wake-up for every unfinished job with a batch nobody holds (`jobs.sta
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import threading
 
 from celery import signals
@@ -90,6 +92,7 @@ _stop = threading.Event()
 def _start_sweeper(**_kwargs) -> None:
     settings = Settings()
     interval = min(30.0, max(1.0, settings.job_lease_s / 4))
+    print(f"sieve worker ready (pid {os.getpid()})", file=sys.stderr, flush=True)
     threading.Thread(target=_sweep_forever, args=(interval, _stop), name="sieve-sweep", daemon=True).start()
 
 

@@ -1,0 +1,190 @@
+"""Bodies of the `sieve answer`, `sieve train refrag` and `sieve eval refrag` commands.
+
+Plain typer functions, mounted by sieve/cli.py (this module does not import it, so there is no cycle):
+
+    from sieve.refrag.cli import answer, eval_refrag, train_refrag
+    app.command("answer")(answer)
+    train_app.command("refrag")(train_refrag)
+    eval_app.command("refrag")(eval_refrag)
+
+Until they are mounted, `python -m sieve.refrag.cli {answer,train,eval} ...` runs the same functions.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from sieve.settings import Settings
+
+console = Console()
+err = Console(stderr=True)
+
+
+def _settings() -> Settings:
+    from rich.logging import RichHandler
+
+    settings = Settings()
+    logging.basicConfig(level=settings.log_level, format="%(message)s",
+                        handlers=[RichHandler(console=err, show_path=False)])
+    if settings.threads:
+        import torch
+
+        torch.set_num_threads(settings.threads)
+    return settings
+
+
+def _fail(message: str) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {message}")
+    return typer.Exit(code=1)
+
+
+def _read_passages(items: list[str], files: list[Path]) -> list[str]:
+    """Inline passages, plus files: a .jsonl file gives one passage per line ('text', with 'title' if any);
+    any other file is one passage."""
+    out = list(items)
+    for f in files:
+        if not f.is_file():
+            raise _fail(f"no file {f}")
+        text = f.read_text()
+        if f.suffix == ".jsonl":
+            for line in text.splitlines():
+                if line.strip():
+                    row = json.loads(line)
+                    out.append(f"{row['title']}\n{row['text']}" if row.get("title") else str(row.get("text", "")))
+        else:
+            out.append(text.strip())
+    return out
+
+
+def answer(
+    question: Annotated[str, typer.Argument(help="the question")],
+    passages: Annotated[list[str] | None, typer.Argument(help="passages to answer from (or --file)")] = None,
+    file: Annotated[list[Path] | None, typer.Option(help="a passage file (repeatable): plain text = one passage, "
+                                                        ".jsonl = one passage per line with 'text'/'title'")] = None,
+    k: Annotated[int | None, typer.Option(help="block size in decoder tokens (default: the model's)")] = None,
+    expansion: Annotated[float, typer.Option(min=0.0, max=1.0, help="fraction of blocks fed as full tokens")] = 0.0,
+    policy: Annotated[str, typer.Option(help="similarity or learned")] = "similarity",
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 128,
+    model: Annotated[str, typer.Option(help="refrag-k16 or a REFRAG model folder")] = "refrag-k16",
+    stats: Annotated[bool, typer.Option(help="print what was used and what it cost (stderr)")] = True,
+) -> None:
+    """Answer QUESTION from PASSAGES with REFRAG compressed decoding, streaming the answer to the terminal."""
+    from sieve.backbone import BackboneNotFound, WeightsError
+
+    from .answer import Answerer
+    from .model_dir import load_refrag
+
+    settings = _settings()
+    texts = _read_passages(list(passages or []), list(file or []))
+    try:
+        with err.status(f"loading {model} ..."):
+            refrag = load_refrag(model, home=settings.home / "cache", device=settings.device, dtype=settings.dtype)
+    except (BackboneNotFound, WeightsError, FileNotFoundError, ValueError) as e:
+        raise _fail(str(e)) from None
+    try:
+        stream = Answerer(refrag).stream(question, texts, k=k, expansion=expansion, policy=policy,
+                                         max_new_tokens=max_new_tokens)
+    except ValueError as e:
+        raise _fail(str(e)) from None
+    try:
+        for piece in stream:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        stream.close()
+    sys.stdout.write("\n")
+    if stats:
+        s = stream.stats
+        err.print(f"[dim]passages {stream.passages}; {s.blocks} blocks, {s.expanded} expanded; "
+                  f"{s.prompt_positions} decoder positions instead of {s.full_prompt_tokens}; "
+                  f"{s.generated_tokens} tokens, first after {1000 * (s.ttft_s or 0):.0f} ms, "
+                  f"{s.seconds:.2f} s; stopped: {s.stopped}[/]")
+
+
+def train_refrag(
+    out: Annotated[Path, typer.Option(help="model folder to write (resumes from OUT/checkpoint.pt)")] = Path(
+        "refrag/models/refrag-k16"),
+    data: Annotated[Path | None, typer.Option(help="the shared data folder (default: SIEVE_DATA_DIR)")] = None,
+    stage: Annotated[list[str] | None, typer.Option(
+        help="recon, cpt, sft, policy (repeatable; default recon + cpt + policy)")] = None,
+    k: Annotated[int, typer.Option(help="block size in decoder tokens (8, 16, 32)")] = 16,
+    batch_size: Annotated[int, typer.Option(min=1)] = 4,
+    recon_steps: int = 120,
+    recon_max_blocks: int = 8,
+    cpt_steps: int = 100,
+    cpt_context_tokens: int = 256,
+    cpt_target_tokens: int = 64,
+    cpt_lora: Annotated[bool, typer.Option(help="also tune a decoder LoRA in continued pre-training")] = False,
+    sft_steps: int = 100,
+    sft_docs: Annotated[int, typer.Option(help="passages per NQ training question (gold + BM25 distractors)")] = 5,
+    expand_max: Annotated[float, typer.Option(help="cpt/sft: up to this fraction of blocks expanded at random")] = 0.25,
+    policy_examples: int = 24,
+    policy_epochs: int = 200,
+    lr: float = 1e-3,
+    lora_lr: float = 2e-4,
+    lora_r: int = 8,
+    dtype: Annotated[str, typer.Option(help="autocast dtype: float32, or bfloat16 on a GPU")] = "float32",
+    seed: int = 0,
+) -> None:
+    """Train a REFRAG projector (+ policy, + decoder LoRA in task tuning) with the paper's curriculum."""
+    from .train import TrainConfig, train
+
+    settings = _settings()
+    cfg = TrainConfig(out=out, data_root=data or settings.data_path(), stages=list(stage or ["recon", "cpt", "policy"]),
+                      k=k, batch_size=batch_size, recon_steps=recon_steps, recon_max_blocks=recon_max_blocks,
+                      cpt_steps=cpt_steps, cpt_context_tokens=cpt_context_tokens, cpt_target_tokens=cpt_target_tokens,
+                      cpt_lora=cpt_lora, sft_steps=sft_steps, sft_docs=sft_docs, expand_max=expand_max,
+                      policy_examples=policy_examples, policy_epochs=policy_epochs, lr=lr, lora_lr=lora_lr,
+                      lora_r=lora_r, lora_alpha=2.0 * lora_r, dtype=dtype, seed=seed)
+    try:
+        summary = train(cfg, home=settings.home / "cache", device=settings.device)
+    except ValueError as e:
+        raise _fail(str(e)) from None
+    console.print_json(json.dumps({k: v for k, v in summary.items() if k != "config"}))
+
+
+def eval_refrag(
+    task: Annotated[list[str] | None, typer.Option(help="wikitext, nq (repeatable; default both)")] = None,
+    model: Annotated[str, typer.Option(help="refrag-k16 or a REFRAG model folder")] = "refrag-k16",
+    k: Annotated[list[int] | None, typer.Option(help="block sizes to evaluate (repeatable; default 8 16 32)")] = None,
+    expansion: Annotated[list[float] | None, typer.Option(help="expansion fractions (default 0 and 0.25)")] = None,
+    context: Annotated[list[int] | None, typer.Option(help="WikiText context lengths (default 512 1024 2048)")] = None,
+    limit: Annotated[int, typer.Option(min=1, help="examples per setting (WikiText windows / NQ questions)")] = 50,
+    n_docs: Annotated[int, typer.Option(help="NQ passages per question")] = 20,
+    policy: str = "similarity",
+    data: Annotated[Path | None, typer.Option(help="the shared data folder (default: SIEVE_DATA_DIR)")] = None,
+    name: Annotated[str, typer.Option(help="results file bench/results/NAME.json")] = "refrag-eval",
+) -> None:
+    """Perplexity of the next 128 WikiText-2 test tokens and NQ-open 20-doc EM/accuracy: compressed vs full vs none."""
+    from .eval import EvalConfig, run_eval
+
+    settings = _settings()
+    cfg = EvalConfig(tasks=list(task or ["wikitext", "nq"]), model=model, ks=list(k or [8, 16, 32]),
+                     expansions=list(expansion if expansion is not None else [0.0, 0.25]),
+                     contexts=list(context or [512, 1024, 2048]), limit=limit, n_docs=n_docs, policy=policy,
+                     data_root=data or settings.data_path(), name=name)
+    try:
+        out = run_eval(cfg, home=settings.home / "cache", device=settings.device, dtype=settings.dtype, console=err)
+    except (ValueError, FileNotFoundError) as e:
+        raise _fail(str(e)) from None
+    console.print(f"wrote {out}")
+
+
+def main() -> None:
+    app = typer.Typer(no_args_is_help=True, help="REFRAG commands (mounted in `sieve` as answer / train refrag / "
+                                                 "eval refrag)")
+    app.command("answer")(answer)
+    app.command("train")(train_refrag)
+    app.command("eval")(eval_refrag)
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,181 @@
+"""REFRAG quality, in one results file (bench/results/NAME.json):
+
+- WikiText-2 raw *test*: perplexity of the next 128 tokens given L context tokens (L in 512 / 1024 / 2048), windows
+  spread evenly over the test text. Systems: no context, full context (tokens), compressed at k = 8 / 16 / 32 with
+  and without expansion (the policy's query is the last context block). LM layout as in training.
+- NQ-open 20-document set (eval portion, built by data.nq_eval): exact match and accuracy (an answer string in
+  the prediction) of greedy answers (first line, up to 32 tokens). Systems: closed book, full context (every block
+  expanded: exactly the token prompt), compressed at each k with and without expansion.
+
+A k without its own shipped projector (refrag-k8, refrag-k32) runs the given model's projector at that k: the
+rows say which projector ran (`model`), so out-of-distribution k is visible.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .data import exact_match, has_answer, nq_eval
+from .model import Refrag
+
+
+@dataclass
+class EvalConfig:
+    data_root: Path
+    tasks: list[str] = field(default_factory=lambda: ["wikitext", "nq"])
+    model: str = "refrag-k16"
+    ks: list[int] = field(default_factory=lambda: [8, 16, 32])
+    expansions: list[float] = field(default_factory=lambda: [0.0, 0.25])
+    contexts: list[int] = field(default_factory=lambda: [512, 1024, 2048])
+    target_tokens: int = 128
+    limit: int = 50
+    n_docs: int = 20
+    policy: str = "similarity"
+    max_new_tokens: int = 32
+    name: str = "refrag-eval"
+
+
+def _refrag_for_k(base: Refrag, k: int, home: Path, backbone) -> Refrag:
+    """The shipped refrag-k{k} if there is one (sharing the loaded decoder and encoder), else `base` run at k."""
+    from .model_dir import load_refrag, shipped
+
+    if k == base.k:
+        return base
+    if f"refrag-k{k}" in shipped():
+        return load_refrag(f"refrag-k{k}", home=home, backbone=backbone, encoder=base.blocks.encoder)
+    return base
+
+
+@torch.no_grad()
+def wikitext_rows(refrag_at, cfg: EvalConfig, console=None) -> list[dict]:
+    from .prompt import Layout
+    from .train import lm_loss
+
+    base: Refrag = refrag_at(cfg.ks[0])
+    text = (cfg.data_root / "text/wikitext-2-raw/test.txt").read_text()
+    ids = base.tokenizer.encode(text, add_bos=False)
+    off = torch.autocast("cpu", enabled=False)
+    rows = []
+    for length in cfg.contexts:
+        span = length + cfg.target_tokens
+        starts = [i * (len(ids) - span) // max(cfg.limit, 1) for i in range(cfg.limit)]
+        nll: dict[tuple, float] = {}
+        positions: dict[tuple, int] = {}
+        t0 = time.perf_counter()
+        for s in starts:
+            ctx_ids, target = ids[s:s + length], ids[s + length:s + span]
+            for k in cfg.ks:
+                r = refrag_at(k)
+                ctx = r.encode_ids([ctx_ids], k)[0]
+                layout = r.lm_layout(ctx, target)
+                if k == cfg.ks[0]:
+                    every = set(range(ctx.n_blocks))
+                    empty = Layout([layout.segments[0], layout.segments[-1]])
+                    baselines = {("no-context",): (empty, set()), ("full-context",): (layout, every)}
+                    for key, (lay, exp) in baselines.items():
+                        nll[key] = nll.get(key, 0.0) + lm_loss(r, [(lay, exp, len(target))], off).item()
+                        positions[key] = positions.get(key, 0) + lay.n_positions(exp)
+                for p in cfg.expansions:
+                    expand = r.choose_expansion(layout, p, policy=cfg.policy)
+                    key = ("compressed", k, p, r.name)
+                    nll[key] = nll.get(key, 0.0) + lm_loss(r, [(layout, expand, len(target))], off).item()
+                    positions[key] = positions.get(key, 0) + layout.n_positions(expand)
+        full_ppl = math.exp(nll[("full-context",)] / len(starts))
+        for key, total in nll.items():
+            ppl = math.exp(total / len(starts))
+            row = {"system": key[0] if len(key) == 1 else f"refrag-k{key[1]}", "dataset": "wikitext-2-raw",
+                   "split": "test", "mode": key[0], "context_tokens": length, "target_tokens": cfg.target_tokens,
+                   "windows": len(starts), "perplexity": round(ppl, 3), "ppl_vs_full": round(ppl / full_ppl, 4),
+                   "decoder_positions": round(positions[key] / len(starts), 1)}
+            if len(key) > 1:
+                row |= {"k": key[1], "expansion": key[2], "policy": cfg.policy, "model": key[3]}
+            rows.append(row)
+        if console is not None:
+            console.print(f"wikitext L={length}: {len(starts)} windows in {time.perf_counter() - t0:.0f} s, "
+                          f"full ppl {full_ppl:.2f}")
+    return rows
+
+
+def nq_rows(refrag_at, cfg: EvalConfig, console=None) -> list[dict]:
+    from sieve.backbone import generate
+
+    from .answer import Answerer
+    from .prompt import qa_layout
+
+    examples = nq_eval(cfg.data_root, n_docs=cfg.n_docs, limit=cfg.limit)
+    base: Refrag = refrag_at(cfg.ks[0])
+    scores: dict[tuple, list] = {}
+
+    def add(key, pred: str, ex, positions: int) -> None:
+        pred = pred.strip().split("\n")[0].strip()
+        scores.setdefault(key, []).append((exact_match(pred, ex.answers), has_answer(pred, ex.answers), positions))
+
+    t0 = time.perf_counter()
+    for ex in examples:
+        layout = qa_layout(base.tokenizer, ex.question)
+        out = generate(base.model, [layout.full_ids()], max_new_tokens=cfg.max_new_tokens,
+                       stop_tokens=base.tokenizer.eos_ids)[0]
+        add(("closed-book",), base.tokenizer.decode(out), ex, len(layout.full_ids()))
+        s = Answerer(base).stream(ex.question, ex.passages, expansion=1.0, max_new_tokens=cfg.max_new_tokens)
+        add(("full-context",), "".join(s), ex, s.stats.prompt_positions)
+        for k in cfg.ks:
+            r = refrag_at(k)
+            encoded = r.encode(ex.passages, k)
+            for p in cfg.expansions:
+                s = Answerer(r).stream(ex.question, encoded, k=k, expansion=p, policy=cfg.policy,
+                                       max_new_tokens=cfg.max_new_tokens)
+                add(("compressed", k, p, r.name), "".join(s), ex, s.stats.prompt_positions)
+    rows = []
+    full_acc = sum(a for _, a, _ in scores[("full-context",)]) / len(examples)
+    for key, got in scores.items():
+        em = sum(e for e, _, _ in got) / len(got)
+        acc = sum(a for _, a, _ in got) / len(got)
+        row = {"system": key[0] if len(key) == 1 else f"refrag-k{key[1]}", "dataset": f"nq-open-{cfg.n_docs}doc",
+               "split": "eval", "mode": key[0], "questions": len(got), "exact_match": round(em, 4),
+               "accuracy": round(acc, 4), "accuracy_minus_full": round(acc - full_acc, 4),
+               "decoder_positions": round(sum(p for _, _, p in got) / len(got), 1)}
+        if len(key) > 1:
+            row |= {"k": key[1], "expansion": key[2], "policy": cfg.policy, "model": key[3]}
+        rows.append(row)
+    if console is not None:
+        console.print(f"nq: {len(examples)} questions in {time.perf_counter() - t0:.0f} s")
+    return rows
+
+
+def run_eval(cfg: EvalConfig, *, home: Path, device: str = "auto", dtype: str = "auto", console=None) -> Path:
+    from sieve.backbone import load_backbone
+
+    from sieve.registry import resolve_backbone
+    from sieve.results import device_name, write_results
+
+    from .model_dir import RefragConfig, load_refrag, resolve_refrag
+
+    unknown = [t for t in cfg.tasks if t not in ("wikitext", "nq")]
+    if unknown:
+        raise ValueError(f"unknown task(s) {unknown}; known: wikitext, nq")
+    folder = resolve_refrag(cfg.model)
+    backbone = load_backbone(resolve_backbone(RefragConfig.load(folder).backbone), home=home, device=device,
+                             dtype=dtype)
+    base = load_refrag(folder, home=home, backbone=backbone)
+    cache: dict[int, Refrag] = {}
+
+    def refrag_at(k: int) -> Refrag:
+        if k not in cache:
+            cache[k] = _refrag_for_k(base, k, home, backbone)
+        return cache[k]
+
+    rows: list[dict] = []
+    out = None
+    dev = device_name(str(backbone.device))
+    if "wikitext" in cfg.tasks:
+        rows += wikitext_rows(refrag_at, cfg, console)
+        out = write_results(cfg.name, rows, dev)
+    if "nq" in cfg.tasks:
+        rows += nq_rows(refrag_at, cfg, console)
+        out = write_results(cfg.name, rows, dev)
+    return out

@@ -1,0 +1,83 @@
+"""REFRAG on the real SmolLM2 + all-MiniLM-L6-v2 with the shipped refrag-k16 projector: expand-all is the token
+path, the compressed prompt is ~k times shorter, answers stream, index-time encodings equal request-time ones."""
+
+import pytest
+import torch
+from sieve.backbone import generate
+from sieve.refrag import Answerer, EncodedPassage, load_block_encoder, load_refrag
+
+pytestmark = pytest.mark.integration
+
+PASSAGES = [
+    "Deadpool 2\nDeadpool 2 is scheduled to be released in the United States on May 18, 2018. A sequel, Deadpool 3, "
+    "is in development.",
+    "Cyrus Cylinder\nThe Cylinder's text has traditionally been seen by biblical scholars as corroborative evidence "
+    "of Cyrus's policy of the repatriation of the Jewish people following their Babylonian captivity.",
+]
+
+
+@pytest.fixture(scope="module")
+def refrag(smollm2, sieve_home):
+    return load_refrag("refrag-k16", home=sieve_home, backbone=smollm2)
+
+
+def test_expand_all_is_the_token_path_and_compression_shortens_the_prompt(refrag):
+    answerer = Answerer(refrag)
+    full = answerer.stream("when is the next deadpool movie being released", PASSAGES, expansion=1.0,
+                           max_new_tokens=12)
+    text = "".join(full)
+    layout = refrag.qa_layout("when is the next deadpool movie being released", refrag.encode(PASSAGES))
+    want = generate(refrag.model, [layout.full_ids()], max_new_tokens=12, stop_tokens=refrag.tokenizer.eos_ids)[0]
+    assert full.token_ids == want and text == refrag.tokenizer.decode(want)
+    comp = answerer.stream("when is the next deadpool movie being released", PASSAGES, max_new_tokens=8)
+    pieces = list(comp)
+    assert comp.stats.generated_tokens >= 1 and "".join(pieces) == comp.text
+    block_tokens = sum(len(p.token_ids) for p in refrag.encode(PASSAGES))
+    assert comp.stats.prompt_positions == comp.stats.full_prompt_tokens - block_tokens + comp.stats.blocks
+    assert comp.passages == [0, 1]
+
+
+def test_index_time_encodings_match_and_survive_storage(refrag, sieve_home):
+    indexer = load_block_encoder(home=sieve_home)
+    stored = [e.to_record() for e in indexer.encode_blocks(PASSAGES, 16)]
+    restored = [EncodedPassage.from_record(r, t, refrag.tokenizer) for r, t in zip(stored, PASSAGES)]
+    fresh = refrag.encode(PASSAGES, 16)
+    for a, b in zip(restored, fresh):
+        assert a.spans == b.spans and a.encoder == b.encoder
+        torch.testing.assert_close(a.vectors, b.vectors, atol=2e-3, rtol=0)
+    q = "who wrote the first declaration of human rights"
+    with torch.no_grad():  # float16 storage moves the decoder input by float16 rounding only
+        a, b = refrag.embed(refrag.qa_layout(q, restored)), refrag.embed(refrag.qa_layout(q, fresh))
+    torch.testing.assert_close(a, b, atol=1e-3, rtol=0)
+    assert "".join(Answerer(refrag).stream(q, restored, max_new_tokens=6)).strip()
+
+
+def test_training_resumes_mid_stage_and_skips_finished_stages(tmp_path, sieve_home, smollm2_path, monkeypatch):
+    import json
+
+    from sieve.refrag import train as train_mod
+    from sieve.refrag.model_dir import RefragConfig, resolve_refrag
+
+    from sieve.settings import Settings
+
+    cfg = train_mod.TrainConfig(out=tmp_path / "m", data_root=Settings().data_path(), stages=["recon", "cpt"],
+                                recon_steps=3, cpt_steps=1, batch_size=1, recon_max_blocks=2, save_every=2,
+                                val_windows=0, projector_hidden=64, cpt_context_tokens=32, cpt_target_tokens=8)
+    real_loss, calls = train_mod.lm_loss, []
+
+    def crash_on_third(*a, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # killed during recon step 3, after the checkpoint at step 2
+        return real_loss(*a, **kw)
+
+    monkeypatch.setattr(train_mod, "lm_loss", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        train_mod.train(cfg, home=sieve_home, device="cpu", progress=False)
+    assert (cfg.out / "checkpoint.pt").is_file() and not (cfg.out / "refrag.json").exists()
+    monkeypatch.setattr(train_mod, "lm_loss", real_loss)
+    summary = train_mod.train(cfg, home=sieve_home, device="cpu", progress=False)
+    history = json.loads((cfg.out / "train_log.json").read_text())["history"]
+    assert [(h["stage"], h["step"]) for h in history] == [("recon", 1), ("recon", 2), ("recon", 3), ("cpt", 1)]
+    assert summary["stages"] == ["recon", "cpt"]
+    assert RefragConfig.load(resolve_refrag(str(cfg.out))).projector_hidden == 64
