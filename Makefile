@@ -47,9 +47,10 @@ bench: setup
 	$(BIN)/python bench/backbone.py
 
 proto: setup
-	@if ls protos/sieve/v1/*.proto >/dev/null 2>&1; then \
-	  $(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=protos --grpc_python_out=protos protos/sieve/v1/*.proto; \
-	else echo "no .proto files under protos/sieve/v1 yet"; fi
+	# stubs go into the SDK (client/sieve_client/_proto), imports rewritten to sieve_client._proto (see the script)
+	$(BIN)/python protos/generate.py client/sieve_client/_proto
+	@if command -v npx >/dev/null; then cd protos && npx --yes @bufbuild/buf lint && echo "buf lint: clean"; \
+	else echo "buf lint skipped: npx (node) is not installed"; fi
 
 lint: setup
 	$(BIN)/ruff check .

@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from sieve import cli_index
+from sieve import cli_index, cli_service
 from sieve.cli_common import cli_settings, console, err, fail, load_backbone_or_exit
 from sieve.refrag.cli import answer, eval_refrag, train_refrag
 from sieve.reranker.cli import eval_reranker, rerank, train_reranker
@@ -258,6 +258,7 @@ def eval_embedder(
 
 
 cli_index.register(app)
+cli_service.register(app)  # sieve serve, sieve keys create|list|revoke
 app.command("rerank")(rerank)
 train_app.command("reranker")(train_reranker)
 eval_app.command("reranker")(eval_reranker)

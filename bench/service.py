@@ -1,0 +1,255 @@
+"""Serving overhead and batching: Sieve over gRPC vs in-process `Embedder.encode` (vs Infinity, if installed).
+
+The same all-MiniLM-L6-v2 weights and the same texts for every system, at 1, 8 and 64 concurrent callers:
+  sieve-grpc     a real `python -m sieve.service` process (no worker), AsyncSieveClient callers on loopback;
+                 calls from all callers are merged by the server's token-budget batcher
+  in-process     caller threads sharing one Embedder in this process, one `encode` at a time (a lock, as one
+                 model allows), no merging across callers: what an application without a server does
+  infinity       `infinity_emb v2` from .peers/infinity (its own venv, git-ignored), OpenAI-style /embeddings
+                 over HTTP on loopback; skipped when not installed (pip install infinity-emb[all] there)
+Rows: texts/s, p50/p99 latency per call. Writes bench/results/service.json (+ .png).
+
+    python bench/service.py [--threads 2] [--requests 256] [--texts-per-request 4] [--concurrency 1,8,64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import RESULTS, device_name, write_results  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = "all-minilm-l6-v2"
+INFINITY = ROOT / ".peers" / "infinity" / "bin" / "infinity_emb"
+WORDS = ("retrieval model query document vector index search rank answer token batch server latency throughput "
+         "protein cell gene patient study result method data network energy water climate market policy").split()
+
+
+def make_texts(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 60))) for _ in range(n)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def summary(system: str, concurrency: int, latencies: list[float], texts: int, seconds: float, errors: int,
+            args) -> dict:
+    lat = sorted(latencies) or [float("nan")]
+    return {"system": system, "model": MODEL, "concurrency": concurrency, "texts_per_request": args.texts_per_request,
+            "requests": len(latencies), "errors": errors, "texts_per_s": round(texts / seconds, 1),
+            "p50_ms": round(statistics.median(lat) * 1e3, 2),
+            "p99_ms": round(lat[min(len(lat) - 1, int(0.99 * len(lat)))] * 1e3, 2), "threads": args.threads}
+
+
+# -- systems -------------------------------------------------------------------------------------------------
+
+
+def run_in_process(embedder, requests: list[list[str]], concurrency: int, args) -> dict:
+    lock = threading.Lock()
+
+    def one(texts):
+        t0 = time.perf_counter()
+        with lock:
+            embedder.encode(texts)
+        return time.perf_counter() - t0
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        latencies = list(pool.map(one, requests))
+    return summary("in-process", concurrency, latencies, sum(map(len, requests)), time.perf_counter() - start, 0,
+                   args)
+
+
+async def _drive(call, requests: list[list[str]], concurrency: int) -> tuple[list[float], int, float]:
+    queue = list(reversed(requests))
+    latencies: list[float] = []
+    errors = 0
+
+    async def worker():
+        nonlocal errors
+        while queue:
+            texts = queue.pop()
+            t0 = time.perf_counter()
+            try:
+                await call(texts)
+                latencies.append(time.perf_counter() - t0)
+            except Exception:
+                errors += 1
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return latencies, errors, time.perf_counter() - start
+
+
+def start_sieve(args) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = dict(os.environ, SIEVE_EMBEDDER=MODEL, SIEVE_THREADS=str(args.threads), SIEVE_LOG_LEVEL="WARNING",
+               SIEVE_HOME=str(args.home), SIEVE_MAX_QUEUED_TEXTS="100000", SIEVE_METRICS_PORT="-1")
+    proc = subprocess.Popen([sys.executable, "-m", "sieve.service", "--port", str(port), "--no-worker"], env=env,
+                            stdout=subprocess.DEVNULL)
+    from sieve_client import SieveClient
+
+    with SieveClient(f"127.0.0.1:{port}") as c:
+        deadline = time.monotonic() + 300
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the Sieve server exited with {proc.returncode} (see its output above)")
+            try:
+                c.wait_until_serving(timeout=2)
+                break
+            except TimeoutError:
+                if time.monotonic() > deadline:
+                    raise
+    return proc, f"127.0.0.1:{port}"
+
+
+def run_sieve(target: str, requests: list[list[str]], concurrency: int, args) -> dict:
+    from sieve_client import AsyncSieveClient
+
+    async def go():
+        async with AsyncSieveClient(target) as c:
+            await c.embed(["warm up"])
+            return await _drive(c.embed, requests, concurrency)
+
+    latencies, errors, seconds = asyncio.run(go())
+    return summary("sieve-grpc", concurrency, latencies, sum(map(len, requests)) - 0, seconds, errors, args)
+
+
+def start_infinity(args, model_path: Path) -> tuple[subprocess.Popen, str] | None:
+    if not INFINITY.exists():
+        return None
+    port = free_port()
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    proc = subprocess.Popen([str(INFINITY), "v2", "--model-id", str(model_path), "--port", str(port),
+                             "--host", "127.0.0.1", "--engine", "torch", "--device", "cpu"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    import urllib.request
+
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+            return proc, f"http://127.0.0.1:{port}"
+        except Exception:
+            time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError("infinity did not start within 300 s")
+
+
+def run_infinity(url: str, model_id: str, requests: list[list[str]], concurrency: int, args) -> dict:
+    import json
+    import urllib.request
+
+    pool = ThreadPoolExecutor(concurrency)
+
+    def post(texts):
+        body = json.dumps({"model": model_id, "input": texts}).encode()
+        req = urllib.request.Request(f"{url}/embeddings", body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return json.loads(r.read())
+
+    async def call(texts):
+        return await asyncio.get_running_loop().run_in_executor(pool, post, texts)
+
+    latencies, errors, seconds = asyncio.run(_drive(call, requests, concurrency))
+    pool.shutdown()
+    return summary("infinity", concurrency, latencies, sum(map(len, requests)), seconds, errors, args)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+# -- main ----------------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--threads", type=int, default=2, help="torch threads of every system")
+    ap.add_argument("--requests", type=int, default=256, help="calls per system and concurrency")
+    ap.add_argument("--texts-per-request", type=int, default=4)
+    ap.add_argument("--concurrency", default="1,8,64")
+    ap.add_argument("--home", type=Path, default=ROOT / ".sieve_home" / "bench-service")
+    ap.add_argument("--name", default="service")
+    args = ap.parse_args()
+
+    import torch
+    from sieve.embedder import load_embedder
+
+    from sieve.registry import resolve_embedder
+
+    torch.set_num_threads(args.threads)
+    model_path = resolve_embedder(MODEL)
+    embedder = load_embedder(model_path, home=args.home / "cache", device="cpu", dtype="float32")
+    texts = make_texts(args.requests * args.texts_per_request)
+    requests = [texts[i:i + args.texts_per_request] for i in range(0, len(texts), args.texts_per_request)]
+    levels = [int(c) for c in args.concurrency.split(",")]
+    rows: list[dict] = []
+    sieve_proc, target = start_sieve(args)
+    infinity = start_infinity(args, model_path)
+    try:
+        embedder.encode(texts[:8])
+        for c in levels:  # the systems take turns at each level, so machine drift hits all alike
+            rows.append(run_in_process(embedder, requests, c, args))
+            rows.append(run_sieve(target, requests, c, args))
+            if infinity is not None:
+                rows.append(run_infinity(infinity[1], str(model_path), requests, c, args))
+            for r in rows[-(3 if infinity else 2):]:
+                print(f"{r['system']:>11} x{c:<3} {r['texts_per_s']:>8.1f} texts/s  p50 {r['p50_ms']:>8.2f} ms  "
+                      f"p99 {r['p99_ms']:>8.2f} ms  errors {r['errors']}")
+    finally:
+        stop(sieve_proc)
+        if infinity is not None:
+            stop(infinity[0])
+    if infinity is None:
+        print(f"infinity: not installed at {INFINITY}; rows without it")
+    out = write_results(args.name, rows, device_name("cpu"))
+    plot(rows, out.with_suffix(".png"))
+    print(f"wrote {out}")
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for system in dict.fromkeys(r["system"] for r in rows):
+        mine = [r for r in rows if r["system"] == system]
+        xs = [r["concurrency"] for r in mine]
+        axes[0].plot(xs, [r["texts_per_s"] for r in mine], marker="o", label=system)
+        axes[1].plot(xs, [r["p99_ms"] for r in mine], marker="o", label=system)
+    for ax, title in zip(axes, ("throughput (texts/s)", "p99 latency (ms)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent callers")
+        ax.set_title(title)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+if __name__ == "__main__":
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    main()

@@ -1,0 +1,61 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class InfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ModelInfo(_message.Message):
+    __slots__ = ("name", "dim", "max_length", "default_pooling", "query_instruction", "document_instruction", "loaded", "int8_calibrated")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DIM_FIELD_NUMBER: _ClassVar[int]
+    MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_POOLING_FIELD_NUMBER: _ClassVar[int]
+    QUERY_INSTRUCTION_FIELD_NUMBER: _ClassVar[int]
+    DOCUMENT_INSTRUCTION_FIELD_NUMBER: _ClassVar[int]
+    LOADED_FIELD_NUMBER: _ClassVar[int]
+    INT8_CALIBRATED_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    dim: int
+    max_length: int
+    default_pooling: str
+    query_instruction: str
+    document_instruction: str
+    loaded: bool
+    int8_calibrated: bool
+    def __init__(self, name: _Optional[str] = ..., dim: _Optional[int] = ..., max_length: _Optional[int] = ..., default_pooling: _Optional[str] = ..., query_instruction: _Optional[str] = ..., document_instruction: _Optional[str] = ..., loaded: _Optional[bool] = ..., int8_calibrated: _Optional[bool] = ...) -> None: ...
+
+class Limits(_message.Message):
+    __slots__ = ("max_texts_per_request", "max_batch_tokens", "max_queued_texts", "max_message_bytes", "max_k", "max_documents_per_upsert")
+    MAX_TEXTS_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_QUEUED_TEXTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_K_FIELD_NUMBER: _ClassVar[int]
+    MAX_DOCUMENTS_PER_UPSERT_FIELD_NUMBER: _ClassVar[int]
+    max_texts_per_request: int
+    max_batch_tokens: int
+    max_queued_texts: int
+    max_message_bytes: int
+    max_k: int
+    max_documents_per_upsert: int
+    def __init__(self, max_texts_per_request: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., max_queued_texts: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_k: _Optional[int] = ..., max_documents_per_upsert: _Optional[int] = ...) -> None: ...
+
+class InfoResponse(_message.Message):
+    __slots__ = ("version", "default_model", "models", "limits", "auth_enabled")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
+    AUTH_ENABLED_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    default_model: str
+    models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
+    limits: Limits
+    auth_enabled: bool
+    def __init__(self, version: _Optional[str] = ..., default_model: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., auth_enabled: _Optional[bool] = ...) -> None: ...

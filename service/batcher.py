@@ -1,0 +1,326 @@
+"""The token-budget batcher: every caller's texts, from every RPC, meet here and leave as model forwards.
+
+A call hands over its prepared texts (token ids + pooling flags) and awaits their vectors. Texts wait in one queue
+per *group* (an encoder and a pooling mode: texts of one group can share a forward). One asyncio task takes
+batches off the queue and runs them, one at a time, on a single model thread, so while the model works the next
+batch gathers by itself: under load batches grow, when idle a call runs at once, with no timer in between.
+
+Batch choice. The oldest waiting text always goes into the next batch (no caller starves), together with the
+texts of its group nearest to it in length (a window over the group's texts sorted by length), for as long as
+`texts x longest <= max_batch_tokens`: few padding tokens, and a budget in tokens rather than in requests, so
+one batch is never 64 texts of 512 tokens. A single text over the budget gets a batch of its own.
+
+Admission. At most `max_queued_texts` texts wait. A unary call that does not fit is refused at once
+(`QueueFull` -> RESOURCE_EXHAUSTED); a stream waits for room (`wait=True`), within its deadline.
+
+Deadlines and cancellation. A text whose call's deadline has passed, or whose caller has gone, is dropped when
+the next batch is chosen: it never reaches the model. The call gets `Expired` -> DEADLINE_EXCEEDED.
+
+Failures. If a forward raises, each call of the batch is run again alone, so only the call whose input breaks the
+model fails (INTERNAL); its batch-mates get their vectors and the loop carries on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import grpc
+import numpy as np
+
+from .errors import Expired, QueueFull, ServiceError
+from .metrics import Metrics
+
+log = logging.getLogger("sieve.service.batcher")
+
+Item = tuple[list[int], list[int]]  # token ids, pooling flags (0: not pooled, e.g. instruction tokens)
+Runner = Callable[[Hashable, list[Item]], np.ndarray]  # (group, items) -> [len(items), dim] float32
+
+
+@dataclass
+class Outcome:
+    vectors: np.ndarray  # [n, dim] float32, pooled and projected, not yet normalized / truncated
+    tokens: int
+    queue_ns: int
+    inference_ns: int
+
+
+@dataclass(eq=False)
+class _Call:
+    future: asyncio.Future
+    n: int
+    deadline: float | None  # event-loop time
+    enqueued: float  # perf_counter
+    waiting: int  # texts still in the queue
+    tokens: int = 0
+    filled: int = 0
+    out: np.ndarray | None = None
+    queue_ns: int = 0
+    inference_ns: int = 0
+
+
+@dataclass(eq=False)
+class _Text:
+    call: _Call
+    row: int
+    item: Item
+    seq: int
+    length: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.length = len(self.item[0])
+
+
+def run_encoder(group: Hashable, items: list[Item]) -> np.ndarray:
+    """The default runner: group is (encoder, pooling); the same steps as `Embedder.encode` for one batch."""
+    import torch
+    from sieve.embedder.batching import collate
+    from sieve.embedder.pooling import pool
+
+    encoder, pooling = group
+    ids, mask, pool_mask = collate(items, encoder.pad_id)
+    device = encoder.device
+    with torch.inference_mode():
+        hidden = encoder.forward(ids.to(device), mask.to(device))
+        pooled = encoder.project(pool(hidden.float(), pool_mask.to(device), pooling))
+    return pooled.float().cpu().numpy()
+
+
+class Batcher:
+    def __init__(self, *, max_batch_tokens: int, max_queued_texts: int, max_batch_texts: int = 256,
+                 runner: Runner = run_encoder, metrics: Metrics | None = None):
+        self.max_batch_tokens = max_batch_tokens
+        self.max_queued_texts = max_queued_texts
+        self.max_batch_texts = max_batch_texts
+        self.runner = runner
+        self.metrics = metrics
+        self.queued = 0  # texts waiting
+        self.forwards = 0  # model forwards run (a batch split after a failure counts each part)
+        self._pending: dict[Hashable, list[_Text]] = {}
+        self._seq = itertools.count()
+        self._wake = asyncio.Event()
+        self._space = asyncio.Event()
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="sieve-model")
+        self._task: asyncio.Task | None = None
+        self._closing = False
+
+    # -------------------------------------------------------------------------------------------------- public
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._loop(), name="sieve-batcher")
+
+    async def close(self) -> None:
+        """Refuse new work, finish what is queued, stop the loop and the model thread."""
+        self._closing = True
+        while self.queued and self._task is not None and not self._task.done():
+            await asyncio.sleep(0.01)
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        self._executor.shutdown(wait=True)
+
+    async def submit(self, group: Hashable, items: Sequence[Item], *, timeout: float | None = None,
+                     wait: bool = False) -> Outcome:
+        """Queue `items` of one group and await their vectors (in the order given).
+
+        timeout: seconds left of the caller's deadline (None: no deadline). wait: wait for room in the queue
+        (streams) instead of raising QueueFull (unary calls).
+        """
+        if self._closing:
+            raise ServiceError(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry on another replica")
+        loop = asyncio.get_running_loop()
+        n = len(items)
+        if n == 0:
+            return Outcome(np.zeros((0, 0), np.float32), 0, 0, 0)
+        deadline = None if timeout is None else loop.time() + timeout
+        while not self._fits(n):
+            if not wait:
+                if self.metrics:
+                    self.metrics.queue_rejected.inc()
+                raise QueueFull(f"the server is busy: {self.queued} texts are queued (limit {self.max_queued_texts}); "
+                                "retry with backoff")
+            self._space.clear()
+            left = None if deadline is None else deadline - loop.time()
+            if left is not None and left <= 0:
+                raise Expired("the deadline passed while waiting for room in the queue")
+            try:
+                await asyncio.wait_for(self._space.wait(), left)
+            except TimeoutError:
+                raise Expired("the deadline passed while waiting for room in the queue") from None
+        call = _Call(loop.create_future(), n, deadline, time.perf_counter(), waiting=n)
+        texts = self._pending.setdefault(group, [])
+        for row, item in enumerate(items):
+            texts.append(_Text(call, row, item, next(self._seq)))
+            call.tokens += len(item[0])
+        self._add_queued(n)
+        self._wake.set()
+        try:
+            return await call.future
+        except asyncio.CancelledError:  # the caller left or its RPC was cancelled: drop its queued texts
+            self._forget(call)
+            raise
+
+    # ------------------------------------------------------------------------------------------------ the loop
+
+    def _fits(self, n: int) -> bool:
+        # a call bigger than the whole queue still runs, alone, when the queue is empty
+        return self.queued == 0 or self.queued + n <= self.max_queued_texts
+
+    def _add_queued(self, delta: int) -> None:
+        self.queued += delta
+        if delta < 0:
+            self._space.set()
+        if self.metrics:
+            self.metrics.queue_depth.set(self.queued)
+
+    def _forget(self, call: _Call) -> None:
+        if call.waiting:
+            if self.metrics:
+                self.metrics.expired.inc(call.waiting)
+            self._add_queued(-call.waiting)
+            call.waiting = 0
+
+    def _fail(self, call: _Call, exc: BaseException) -> None:
+        self._forget(call)
+        if not call.future.done():
+            call.future.set_exception(exc)
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self.queued:
+                self._wake.clear()
+                await self._wake.wait()
+            picked = self._take(loop.time())
+            if picked is None:
+                continue
+            group, batch = picked
+            await self._run(loop, group, batch)
+
+    def _take(self, now: float) -> tuple[Hashable, list[_Text]] | None:
+        """Drop dead texts, then cut the next batch around the oldest live text."""
+        oldest: tuple[Hashable, _Text] | None = None
+        for group in list(self._pending):
+            live = []
+            for t in self._pending[group]:
+                call = t.call
+                if call.future.done():
+                    continue
+                if call.deadline is not None and now >= call.deadline:
+                    self._fail(call, Expired("the deadline passed before the texts reached the model"))
+                    continue
+                live.append(t)
+            if live:
+                self._pending[group] = live
+                if oldest is None or live[0].seq < oldest[1].seq:
+                    oldest = (group, live[0])
+            else:
+                del self._pending[group]
+        if oldest is None:
+            if self.queued:  # only dead texts were counted
+                self._add_queued(-self.queued)
+            return None
+        group, first = oldest
+        texts = self._pending[group]
+        order = sorted(range(len(texts)), key=lambda i: (texts[i].length, texts[i].seq))
+        pos = order.index(0)  # texts[0] is `first`: lists are in arrival order
+        lo = hi = pos
+        longest = first.length
+        while hi - lo + 1 < self.max_batch_texts:
+            count = hi - lo + 2
+            shorter = texts[order[lo - 1]].length if lo > 0 else None
+            longer = texts[order[hi + 1]].length if hi + 1 < len(order) else None
+            fits_short = shorter is not None and count * longest <= self.max_batch_tokens
+            fits_long = longer is not None and count * longer <= self.max_batch_tokens
+            if fits_short and (not fits_long or longest - shorter <= longer - longest):
+                lo -= 1
+            elif fits_long:
+                hi += 1
+                longest = longer
+            else:
+                break
+        chosen = set(order[lo:hi + 1])
+        batch = [texts[i] for i in sorted(chosen)]
+        rest = [t for i, t in enumerate(texts) if i not in chosen]
+        if rest:
+            self._pending[group] = rest
+        else:
+            del self._pending[group]
+        for t in batch:
+            t.call.waiting -= 1
+        self._add_queued(-len(batch))
+        return group, batch
+
+    async def _run(self, loop: asyncio.AbstractEventLoop, group: Hashable, batch: list[_Text]) -> None:
+        start = time.perf_counter()
+        for t in batch:
+            t.call.queue_ns = max(t.call.queue_ns, int((start - t.call.enqueued) * 1e9))
+        try:
+            vectors = await loop.run_in_executor(self._executor, self.runner, group, [t.item for t in batch])
+            self.forwards += 1
+        except Exception as exc:  # isolate: run each call of the batch alone
+            log.warning("a batch of %d texts failed (%s); running its calls one by one", len(batch), exc)
+            await self._isolate(loop, group, batch, exc)
+            return
+        seconds = time.perf_counter() - start
+        self._deliver(batch, vectors, seconds)
+        if self.metrics:
+            tokens = sum(t.length for t in batch)
+            self.metrics.batch_texts.observe(len(batch))
+            self.metrics.batch_requests.observe(len({id(t.call) for t in batch}))
+            self.metrics.batch_tokens.inc(tokens)
+            self.metrics.tokens_per_second.set(tokens / seconds if seconds > 0 else 0.0)
+
+    async def _isolate(self, loop: asyncio.AbstractEventLoop, group: Hashable, batch: list[_Text],
+                       first_error: Exception) -> None:
+        by_call: dict[int, list[_Text]] = {}
+        for t in batch:
+            by_call.setdefault(id(t.call), []).append(t)
+        if len(by_call) == 1:
+            self._fail(batch[0].call, _model_error(first_error))
+            return
+        for texts in by_call.values():
+            call = texts[0].call
+            if call.future.done():
+                continue
+            start = time.perf_counter()
+            try:
+                vectors = await loop.run_in_executor(self._executor, self.runner, group, [t.item for t in texts])
+                self.forwards += 1
+            except Exception as exc:
+                log.warning("a call's %d texts failed in the model: %s", len(texts), exc)
+                self._fail(call, _model_error(exc))
+                continue
+            self._deliver(texts, vectors, time.perf_counter() - start)
+
+    def _deliver(self, batch: list[_Text], vectors: np.ndarray, seconds: float) -> None:
+        ns = int(seconds * 1e9)
+        for row, t in enumerate(batch):
+            call = t.call
+            if call.future.done():
+                continue
+            if call.out is None:
+                call.out = np.empty((call.n, vectors.shape[1]), dtype=np.float32)
+            call.out[t.row] = vectors[row]
+            call.filled += 1
+        for call in {id(t.call): t.call for t in batch}.values():
+            if call.future.done():
+                continue
+            call.inference_ns += ns
+            if call.filled == call.n:
+                call.future.set_result(Outcome(call.out, call.tokens, call.queue_ns, call.inference_ns))
+
+
+def _model_error(exc: Exception) -> ServiceError:
+    return ServiceError(grpc.StatusCode.INTERNAL, f"the model failed on this call's input ({type(exc).__name__}); "
+                        "the server logged the details")
+
