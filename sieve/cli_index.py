@@ -206,10 +206,11 @@ def search(
             filters[key] = value
     try:
         with session_scope(engine) as s:
-            embedder_name = get_collection(s, collection).embedder
+            coll = get_collection(s, collection)
+            embedder_name, dim = coll.embedder, coll.dim
         emb = load_embedder(resolve_embedder(embedder_name), home=settings.home / "cache", device=settings.device,
                             dtype=settings.dtype)
-        vector = emb.encode_queries([query])[0]
+        vector = emb.encode_queries([query], dim=min(dim, emb.dim))[0]
         hits = Searcher(engine, settings.index_path()).search(collection, vector, k, filters)
     except (NotFound, InvalidInput, FileNotFoundError) as e:
         raise fail(str(e)) from None

@@ -86,11 +86,29 @@ def drain(ctx: WorkerContext, job_id: int) -> int:
         except NotFound:
             log.info("job %s is gone (its collection was dropped); stopping", job_id)
             return processed
+        except PERMANENT as e:  # retrying cannot help: fail the batch's documents with the reason, go on
+            log.exception("batch %s of job %s failed permanently", claim.batch_id, job_id)
+            fail_batch(ctx, claim, f"{type(e).__name__}: {e}")
         except Exception:
             jobs.release_batch(ctx.engine, claim)
             raise
         processed += 1
     return processed
+
+
+# Errors that running the batch again cannot fix (a misconfigured collection, a model that refuses its input).
+# Anything else (database, broker, network, out of memory) is released and retried.
+PERMANENT = (ValueError, TypeError, KeyError, FileNotFoundError)
+
+
+def fail_batch(ctx: WorkerContext, claim: jobs.Claim, reason: str) -> None:
+    errors = []
+    with session_scope(ctx.engine) as s:
+        for doc in s.scalars(select(Document).where(Document.id.in_(claim.items))):
+            if claim.kind == "upsert" and doc.status != "indexed":
+                doc.status, doc.error = "failed", reason
+            errors.append({"external_id": doc.external_id, "reason": reason})
+    jobs.finish_batch(ctx.engine, claim, done=0, failed=len(claim.items), errors=errors)
 
 
 def process(ctx: WorkerContext, claim: jobs.Claim) -> BatchResult:
@@ -99,28 +117,17 @@ def process(ctx: WorkerContext, claim: jobs.Claim) -> BatchResult:
         if collection is None:
             raise NotFound(f"collection of job {claim.job_id} no longer exists")
         s.expunge(collection)
-    if claim.attempts > jobs.MAX_ATTEMPTS:
-        result = _give_up(ctx, claim)
-    elif claim.kind == "upsert":
+    if claim.attempts > jobs.MAX_ATTEMPTS:  # its worker died every time (e.g. out of memory): stop trying
+        fail_batch(ctx, claim, f"gave up after {claim.attempts - 1} attempts: the worker processing this batch "
+                               "kept dying")
+        return BatchResult(failed=len(claim.items))
+    if claim.kind == "upsert":
         result = process_upsert(ctx, collection, claim.items)
     elif claim.kind == "delete":
         result = process_delete(ctx, collection, claim.items)
     else:
         raise ValueError(f"unknown job kind {claim.kind!r}")
     jobs.finish_batch(ctx.engine, claim, done=result.done, failed=result.failed, errors=result.errors)
-    return result
-
-
-def _give_up(ctx: WorkerContext, claim: jobs.Claim) -> BatchResult:
-    """A batch claimed too many times (its worker died each time, e.g. out of memory): fail its documents."""
-    reason = f"gave up after {claim.attempts - 1} attempts: the worker processing this batch kept dying"
-    result = BatchResult()
-    with session_scope(ctx.engine) as s:
-        for doc in s.scalars(select(Document).where(Document.id.in_(claim.items))):
-            if claim.kind == "upsert" and doc.status != "indexed":
-                doc.status, doc.error = "failed", reason
-            result.failed += 1
-            result.errors.append({"external_id": doc.external_id, "reason": reason})
     return result
 
 
@@ -165,9 +172,13 @@ def process_upsert(ctx: WorkerContext, collection: Collection, doc_ids: list[int
     vectors: dict[int, np.ndarray] = {}
     fresh = [p for p in plans if not p.reuse]
     texts = [piece.text for p in fresh for piece in p.pieces]
+    if texts and collection.dim > embedder.dim:  # a configuration error, not a document's fault: fail the task
+        raise ValueError(f"collection {collection.name!r} holds {collection.dim}-d vectors but its embedder "
+                         f"{collection.embedder} gives {embedder.dim}-d ones")
+    dim = collection.dim  # a smaller collection dim is a Matryoshka truncation (then normalized)
     if texts:
         try:
-            embedded = embedder.encode_documents(texts)
+            embedded = embedder.encode_documents(texts, dim=dim)
         except (ValueError, RuntimeError) as e:  # find the culprit: embed document by document
             log.warning("embedding a batch of %d chunks failed (%s); retrying document by document", len(texts), e)
             embedded = None
@@ -178,14 +189,10 @@ def process_upsert(ctx: WorkerContext, collection: Collection, doc_ids: list[int
         else:
             for p in fresh:
                 try:
-                    vectors[p.doc_id] = embedder.encode_documents([piece.text for piece in p.pieces])
+                    vectors[p.doc_id] = embedder.encode_documents([piece.text for piece in p.pieces], dim=dim)
                 except (ValueError, RuntimeError) as e:
                     result.errors.append({"external_id": p.external_id, "reason": f"embedding failed: {e}"})
         result.chunks_embedded = sum(len(v) for v in vectors.values())
-        for v in vectors.values():
-            if v.shape[1] != collection.dim:  # a configuration error, not a document's fault: fail the task
-                raise ValueError(f"embedder {collection.embedder} gives {v.shape[1]}-d vectors but collection "
-                                 f"{collection.name!r} holds {collection.dim}-d ones")
 
     add_ids: list[int] = []
     add_vecs: list[np.ndarray] = []

@@ -232,6 +232,23 @@ def test_a_document_the_model_refuses_fails_alone(ctx, monkeypatch):
     assert chunks == ntotal > 0
 
 
+def test_a_smaller_collection_dim_is_a_matryoshka_cut_and_a_larger_one_fails_clearly(ctx, tiny_embedder):
+    with session_scope(ctx.engine) as s:
+        create_collection(s, "small", embedder="tiny", dim=16)
+        create_collection(s, "big", embedder="tiny", dim=tiny_embedder.dim + 1)
+    small = jobs.submit_upsert(ctx.engine, "small", [DocumentIn("a", doc_text(1))], enqueue=Sent())
+    drain(ctx, small.id)
+    assert jobs.get_job(ctx.engine, small.id).done == 1
+    index = Searcher(ctx.engine, ctx.index_root).index("small")
+    stored = index.reconstruct(index.ids())
+    assert stored.shape[1] == 16 and np.allclose(np.linalg.norm(stored, axis=1), 1, atol=1e-5)
+    big = jobs.submit_upsert(ctx.engine, "big", [DocumentIn("a", doc_text(1)), DocumentIn("b", doc_text(2))],
+                             enqueue=Sent())
+    assert drain(ctx, big.id) == 1  # settled at once, as failed: retrying cannot help
+    info = jobs.get_job(ctx.engine, big.id)
+    assert (info.status, info.failed) == ("failed", 2) and "holds" in info.errors[0]["reason"]
+
+
 def test_delete_documents_leaves_index_and_sql_in_agreement(ctx):
     drain(ctx, submit(ctx, [DocumentIn(f"d{i}", doc_text(i)) for i in range(5)]).id)
     job = jobs.submit_delete(ctx.engine, "docs", ["d1", "d3", "missing"], enqueue=Sent())
