@@ -2,8 +2,8 @@
 
 jsonl (or .jsonl.gz): one object per line with an id (`_id` or `id`), `text`, and optionally `title` (prepended to
 the text, and kept in metadata) and `metadata` (an object). A line that is not such an object is reported with its
-file and line number and the rest of the file is read on. A .txt / .md file is one document whose id is its path relative to the
-folder given (or its name, for a file given directly).
+file and line number and the rest of the file is read on. A .txt / .md file is one document whose id is its path
+relative to the folder given (or its name, for a file given directly).
 """
 
 from __future__ import annotations
