@@ -71,7 +71,7 @@ def pipeline(path: Path, embedder_name: str, workers: int, threads: int, n_docs:
     home = Path(tempfile.mkdtemp(prefix="sieve-bench-"))
     env = {k: v for k, v in os.environ.items() if not k.startswith("SIEVE_")}
     env.update(SIEVE_HOME=str(home), SIEVE_THREADS=str(threads), SIEVE_DEVICE="cpu", SIEVE_LOG_LEVEL="WARNING",
-               SIEVE_BATCH_DOCUMENTS="25")
+               SIEVE_BATCH_DOCUMENTS="25", SIEVE_REFRAG_BLOCKS=os.environ.get("SIEVE_REFRAG_BLOCKS", "0"))
     shared_cache = Settings().home / "cache"  # converted weights: reuse, do not re-convert
     (home / "cache").parent.mkdir(parents=True, exist_ok=True)
     if shared_cache.is_dir():

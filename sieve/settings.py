@@ -44,6 +44,8 @@ class Settings(BaseSettings):
     job_lease_s: float = Field(
         300.0, gt=0, description="seconds a worker holds a claimed batch before another may take it over "
         "(a worker that dies on this host is noticed at once; on another host after the lease)")
+    refrag_blocks: int = Field(
+        16, ge=0, le=64, description="k of the REFRAG block encodings workers precompute for every chunk (0: off)")
     worker_fanout: int = Field(8, ge=1, description="task messages sent per job (how many workers can share it)")
     # -- serving (sieve.service) --
     grpc_host: str = Field("127.0.0.1", description="address the gRPC server binds; 0.0.0.0 to serve other hosts")

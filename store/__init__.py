@@ -19,6 +19,7 @@ from .models import (
     ApiKey,
     Base,
     Chunk,
+    ChunkBlocks,
     ChunkVector,
     Collection,
     Document,
@@ -30,6 +31,6 @@ from .models import (
 )
 
 __all__ = [
-    "ApiKey", "Base", "Chunk", "ChunkVector", "Collection", "Document", "Job", "JobBatch",
+    "ApiKey", "Base", "Chunk", "ChunkBlocks", "ChunkVector", "Collection", "Document", "Job", "JobBatch",
     "chunk_id", "content_hash", "current", "hash_api_key", "make_engine", "session_scope", "upgrade",
 ]

@@ -171,6 +171,26 @@ class ChunkVector(Base):
     data: Mapped[bytes] = mapped_column(LargeBinary)
 
 
+class ChunkBlocks(Base):
+    """A chunk's REFRAG block encodings, computed at index time so answering never re-encodes the corpus.
+
+    One row per (chunk, k): the chunk's text in the decoder's tokens cut into blocks of k, one chunk-encoder vector
+    per block, float16 bytes [ceil(n_tokens / k), dim]. `encoder` fingerprints the chunk encoder and the decoder's
+    tokenizer (`sieve.refrag` refuses encodings made with others). Block spans follow from (n_tokens, k).
+    """
+
+    __tablename__ = "chunk_blocks"
+
+    chunk_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey("chunks.id", ondelete="CASCADE"), primary_key=True, autoincrement=False
+    )
+    k: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    encoder: Mapped[str] = mapped_column(String(200))
+    n_tokens: Mapped[int] = mapped_column(Integer)
+    dim: Mapped[int] = mapped_column(Integer)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
 class Job(Base):
     __tablename__ = "jobs"
     __table_args__ = (CheckConstraint(_one_of("status", JOB_STATUSES), name="status"),)

@@ -6,7 +6,8 @@ each. Processing is idempotent, in this order, so a crash anywhere is repaired b
   1. plan: chunk every pending document of the batch (token windows of the collection's embedder); chunk ids are
      `chunk_id(collection, external id, content hash, ordinal)`, so a re-run derives the same ids;
   2. embed the chunks SQL does not already hold with the same ids (a re-run after step 3 embeds nothing);
-  3. one SQL transaction: replace each document's chunks and vectors, mark it indexed (or failed, with why);
+  3. one SQL transaction: replace each document's chunks and vectors (and, with `refrag_k`, the chunks' REFRAG
+     block encodings, so answering never re-encodes), mark it indexed (or failed, with why);
   4. under the collection's writer lock: remove the documents' old chunk ids from FAISS, add the new ones
      (`add` removes before adding, so adding twice is adding once), snapshot;
   5. mark the batch done and add it to the job's progress.
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from sieve.store.blocks import put_blocks
 from sieve.store.db import session_scope
 from sieve.store.errors import NotFound
 from sieve.store.models import Chunk, ChunkVector, Collection, Document, chunk_id
@@ -51,8 +53,10 @@ class WorkerContext:
     lease_s: float = 300.0
     device: str = "auto"
     dtype: str = "auto"
+    refrag_k: int = 0  # precompute REFRAG block encodings of every chunk with this k (0: off)
     embedders: dict[str, Any] = field(default_factory=dict)
     writer: IndexWriter | None = None
+    block_encoder: Any = None
 
     def __post_init__(self):
         self.writer = self.writer or IndexWriter(self.engine, self.index_root)
@@ -66,6 +70,14 @@ class WorkerContext:
             self.embedders[name] = load_embedder(resolve_embedder(name), home=self.model_home, device=self.device,
                                                  dtype=self.dtype)
         return self.embedders[name]
+
+    def blocks(self):
+        """The REFRAG block encoder (decoder tokenizer + chunk encoder; no decoder weights), loaded once."""
+        if self.block_encoder is None:
+            from sieve.refrag.encoder import load_block_encoder
+
+            self.block_encoder = load_block_encoder(home=self.model_home, device=self.device)
+        return self.block_encoder
 
 
 @dataclass
@@ -193,6 +205,11 @@ def process_upsert(ctx: WorkerContext, collection: Collection, doc_ids: list[int
                 except (ValueError, RuntimeError) as e:
                     result.errors.append({"external_id": p.external_id, "reason": f"embedding failed: {e}"})
         result.chunks_embedded = sum(len(v) for v in vectors.values())
+    blocks: dict[int, dict[str, Any]] = {}  # chunk id -> REFRAG block record, for the chunks embedded now
+    if ctx.refrag_k and vectors:
+        todo = [(cid, piece.text) for p in fresh if p.doc_id in vectors for cid, piece in zip(p.ids, p.pieces)]
+        encoded = ctx.blocks().encode_blocks([t for _, t in todo], ctx.refrag_k)
+        blocks = {cid: e.to_record() for (cid, _), e in zip(todo, encoded)}
 
     add_ids: list[int] = []
     add_vecs: list[np.ndarray] = []
@@ -220,6 +237,7 @@ def process_upsert(ctx: WorkerContext, collection: Collection, doc_ids: list[int
                     for cid, piece in zip(p.ids, p.pieces)
                 ])
                 put_vectors(s, np.asarray(p.ids), vecs)
+                put_blocks(s, {cid: blocks[cid] for cid in p.ids if cid in blocks})
             doc.status, doc.error = "indexed", None
             keep = set(p.ids)
             remove.extend(i for i in p.old_ids if i not in keep)

@@ -19,7 +19,7 @@ from sqlalchemy.exc import IntegrityError
 
 pytestmark = pytest.mark.integration
 
-TABLES = {"collections", "documents", "chunks", "chunk_vectors", "jobs", "job_batches", "api_keys"}
+TABLES = {"collections", "documents", "chunks", "chunk_vectors", "jobs", "job_batches", "chunk_blocks", "api_keys"}
 
 
 @pytest.fixture

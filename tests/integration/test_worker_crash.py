@@ -84,6 +84,7 @@ def _env(home: Path, database_url: str | None, broker_url: str | None) -> dict[s
     env.update(SIEVE_HOME=str(home), SIEVE_THREADS="2", SIEVE_DEVICE="cpu", SIEVE_CHUNK_TOKENS=str(CHUNK_TOKENS),
                SIEVE_CHUNK_OVERLAP=str(CHUNK_OVERLAP), SIEVE_BATCH_DOCUMENTS="50", SIEVE_JOB_LEASE_S="20",
                SIEVE_WORKER_FANOUT="1",  # one message per job: the first kill loses it, the sweep must recover
+               SIEVE_REFRAG_BLOCKS="0",  # embedding only (block encodings are tested in unit/test_workers.py)
                SIEVE_LOG_LEVEL="WARNING")
     if database_url:
         env["SIEVE_DATABASE_URL"] = database_url

@@ -64,7 +64,7 @@ def test_db_upgrade_then_current(tmp_path):
     assert up.returncode == 0, up.stderr
     assert (tmp_path / "sieve.db").is_file()
     after = run_cli("db", "current", env=env)
-    assert "0002" in after.stdout and "none" not in after.stdout
+    assert "0003" in after.stdout and "none" not in after.stdout
 
 
 @pytest.fixture(scope="module")

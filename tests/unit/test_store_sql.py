@@ -24,7 +24,7 @@ from sqlalchemy.exc import IntegrityError
 
 from sieve.settings import Settings
 
-TABLES = {"collections", "documents", "chunks", "chunk_vectors", "jobs", "job_batches", "api_keys"}
+TABLES = {"collections", "documents", "chunks", "chunk_vectors", "jobs", "job_batches", "chunk_blocks", "api_keys"}
 
 
 @pytest.fixture
@@ -84,14 +84,14 @@ def test_content_and_key_hashes():
 def test_upgrade_creates_every_table_and_twice_is_a_no_op(url):
     assert migrate.current(url) is None
     migrate.upgrade(url)
-    assert migrate.current(url) == migrate.head() == "0002"
+    assert migrate.current(url) == migrate.head() == "0003"
     engine = make_engine(url)
     try:
         assert TABLES <= set(inspect(engine).get_table_names())
         with session_scope(engine) as s:
             s.add(Collection(name="kept", embedder="e", dim=4))
         migrate.upgrade(url)  # again: nothing to do, nothing lost
-        assert migrate.current(url) == "0002"
+        assert migrate.current(url) == "0003"
         with engine.connect() as c:
             assert c.execute(text("SELECT count(*) FROM alembic_version")).scalar() == 1
             assert c.execute(text("SELECT name FROM collections")).scalars().all() == ["kept"]

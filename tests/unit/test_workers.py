@@ -249,6 +249,35 @@ def test_a_smaller_collection_dim_is_a_matryoshka_cut_and_a_larger_one_fails_cle
     assert (info.status, info.failed) == ("failed", 2) and "holds" in info.errors[0]["reason"]
 
 
+def test_workers_precompute_refrag_blocks_that_the_answer_path_can_read(ctx, tiny_embedder):
+    import torch
+    from sieve.refrag.encoder import BlockEncoder, EncodedPassage
+    from sieve.store.blocks import fetch_blocks
+
+    class Fixed:  # a stand-in chunk encoder: one 8-d vector per block, from the block's length
+        name = "fixed-8"
+
+        def embed(self, texts):
+            return torch.stack([torch.full((8,), float(len(t))) for t in texts])
+
+    tok = tiny_embedder.encoder.backbone.tokenizer
+    ctx.refrag_k, ctx.block_encoder = 4, BlockEncoder(tok, Fixed())
+    drain(ctx, submit(ctx, [DocumentIn(f"d{i}", doc_text(i)) for i in range(3)]).id)
+    with session_scope(ctx.engine) as s:
+        chunks = {c.id: c.text for c in s.scalars(select(Chunk))}
+        records = fetch_blocks(s, list(chunks), k=4)
+        assert fetch_blocks(s, list(chunks), k=16) == {}
+    assert set(records) == set(chunks)
+    for cid, record in records.items():
+        passage = EncodedPassage.from_record(record, chunks[cid], tok)
+        assert passage.n_blocks == -(-len(tok.encode(chunks[cid], add_bos=False)) // 4)
+        assert passage.vectors.shape == (passage.n_blocks, 8) and record["encoder"].startswith("fixed-8")
+    jobs.submit_delete(ctx.engine, "docs", ["d0", "d1", "d2"], enqueue=Sent())
+    drain(ctx, jobs.unfinished_jobs(ctx.engine)[0])
+    with session_scope(ctx.engine) as s:  # they go with their chunks
+        assert fetch_blocks(s, list(chunks), k=4) == {}
+
+
 def test_delete_documents_leaves_index_and_sql_in_agreement(ctx):
     drain(ctx, submit(ctx, [DocumentIn(f"d{i}", doc_text(i)) for i in range(5)]).id)
     job = jobs.submit_delete(ctx.engine, "docs", ["d1", "d3", "missing"], enqueue=Sent())
