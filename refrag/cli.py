@@ -21,6 +21,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from sieve.remote import ApiKeyOption, RemoteOption, connect, local_only, remote_errors, remote_only
 from sieve.settings import Settings
 
 console = Console()
@@ -72,17 +73,30 @@ def answer(
     expansion: Annotated[float, typer.Option(min=0.0, max=1.0, help="fraction of blocks fed as full tokens")] = 0.0,
     policy: Annotated[str, typer.Option(help="similarity or learned")] = "similarity",
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 128,
-    model: Annotated[str, typer.Option(help="refrag-k16 or a REFRAG model folder")] = "refrag-k16",
+    model: Annotated[str, typer.Option(help="refrag-k16 or a REFRAG model folder (local; a server uses its "
+                                            "own)")] = "refrag-k16",
     stats: Annotated[bool, typer.Option(help="print what was used and what it cost (stderr)")] = True,
+    collection: Annotated[str | None, typer.Option(help="retrieve the passages from this collection on the "
+                                                        "server (needs --remote)")] = None,
+    top_k: Annotated[int | None, typer.Option(min=1, help="passages to retrieve from --collection (default: "
+                                                          "the server's)")] = None,
+    remote: RemoteOption = None,
+    api_key: ApiKeyOption = None,
 ) -> None:
-    """Answer QUESTION from PASSAGES with REFRAG compressed decoding, streaming the answer to the terminal."""
+    """Answer QUESTION from PASSAGES (or, on a server, from a collection) with REFRAG compressed decoding,
+    streaming the answer to the terminal."""
+    remote_only(remote, collection=collection, top_k=top_k)
+    local_only(remote, k=k)
+    texts = _read_passages(list(passages or []), list(file or []))
+    if remote:
+        return _answer_remote(remote, api_key, question, texts, collection, top_k or 0, expansion, max_new_tokens,
+                              stats)
     from sieve.backbone import BackboneNotFound, WeightsError
 
     from .answer import Answerer
     from .model_dir import load_refrag
 
     settings = _settings()
-    texts = _read_passages(list(passages or []), list(file or []))
     try:
         with err.status(f"loading {model} ..."):
             refrag = load_refrag(model, home=settings.home / "cache", device=settings.device, dtype=settings.dtype)
@@ -106,6 +120,30 @@ def answer(
                   f"{s.prompt_positions} decoder positions instead of {s.full_prompt_tokens}; "
                   f"{s.generated_tokens} tokens, first after {1000 * (s.ttft_s or 0):.0f} ms, "
                   f"{s.seconds:.2f} s; stopped: {s.stopped}[/]")
+
+
+def _answer_remote(remote: str, api_key: str | None, question: str, texts: list[str], collection: str | None,
+                   top_k: int, expansion: float, max_new_tokens: int, stats: bool) -> None:
+    with remote_errors(), connect(remote, api_key) as client:
+        stream = client.answer(question, collection=collection, passages=texts, k=top_k, expansion=expansion,
+                               max_new_tokens=max_new_tokens)
+        try:
+            for piece in stream:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            stream.cancel()
+    sys.stdout.write("\n")
+    if stats:
+        u = stream.usage
+        sources = ", ".join(f"{c.document_id}#{c.chunk_id}" if c.document_id else str(c.index)
+                            for c in stream.citations)
+        line = f"[dim]passages {sources or '-'}"
+        if u is not None:
+            line += (f"; {u.blocks} blocks, {u.expanded_blocks} expanded, {u.precomputed_passages} precomputed; "
+                     f"{u.prompt_positions} decoder positions instead of {u.full_prompt_tokens}; "
+                     f"{u.generated_tokens} tokens, first after {1000 * u.time_to_first_token_s:.0f} ms")
+        err.print(line + f"; stopped: {stream.finish_reason or 'cancelled'} ({remote})[/]")
 
 
 def train_refrag(

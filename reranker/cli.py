@@ -20,6 +20,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from sieve.remote import ApiKeyOption, RemoteOption, connect, remote_errors
 from sieve.settings import Settings
 
 console = Console()
@@ -65,13 +66,14 @@ def rerank(
     mode: Annotated[str, typer.Option(help="full (one pass), first (first-token logits), sliding (window 20, "
                                            "stride 10)")] = "full",
     top_k: Annotated[int | None, typer.Option(min=1, help="return (and, in full mode, decode) only the top k")] = None,
-    model: Annotated[str, typer.Option(help="sieve-rank or a reranker folder")] = "sieve-rank",
+    model: Annotated[str, typer.Option(help="sieve-rank or a reranker folder (local; a server uses its own)")] = (
+        "sieve-rank"),
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+    remote: RemoteOption = None,
+    api_key: ApiKeyOption = None,
 ) -> None:
-    """Rank PASSAGES by relevance to QUERY with the backbone; print the order, scores and what it cost."""
-    from .prompt import PromptTooLong
-
-    settings = _settings()
+    """Rank PASSAGES by relevance to QUERY with the backbone (or on a server with --remote); print the order,
+    scores and what it cost."""
     texts = list(passages or [])
     if texts == ["-"]:
         texts = _read_lines(sys.stdin.read().splitlines())
@@ -83,6 +85,33 @@ def rerank(
         raise _fail("the query is empty")
     if not texts:
         raise _fail("no passages: pass them as arguments, with --file, or '-' for stdin")
+    if remote:
+        with remote_errors(), connect(remote, api_key) as client:
+            got = client.rerank(query, texts, mode=mode, top_k=top_k)
+        out = {"model": got.model, "mode": got.mode,
+               "ranking": [{"index": r.index, "score": round(r.score, 4), "text": texts[r.index][:200]} for r in got],
+               "stats": {"tokens": got.tokens, "passage_cap": got.passage_cap, "truncated": got.truncated,
+                         "seconds": round(got.seconds, 3), "server": remote}}
+        footer = (f"[dim]{got.tokens} tokens on {remote}, {got.passage_cap} tokens per passage ({got.truncated} cut), "
+                  f"{got.seconds:.2f} s[/]")
+    else:
+        out, footer = _rank_locally(query, texts, mode, top_k, model)
+    if as_json:
+        console.print_json(json.dumps(out))
+        return
+    table = Table(title=f"{out['model']} ({out['mode']})")
+    for col in ("rank", "index", "score", "passage"):
+        table.add_column(col)
+    for r, item in enumerate(out["ranking"], start=1):
+        table.add_row(str(r), str(item["index"]), f"{item['score']:.3f}", item["text"][:80])
+    console.print(table)
+    err.print(footer)
+
+
+def _rank_locally(query: str, texts: list[str], mode: str, top_k: int | None, model: str) -> tuple[dict, str]:
+    from .prompt import PromptTooLong
+
+    settings = _settings()
     reranker = _load(model, settings)
     try:
         res = reranker.rank(query, texts, mode=mode, top_k=top_k)
@@ -95,17 +124,9 @@ def rerank(
            "stats": {"prompt_tokens": s.prompt_tokens, "generated_tokens": s.generated_tokens,
                      "forward_passes": s.forward_passes, "passage_cap": s.passage_cap, "truncated": s.truncated,
                      "seconds": round(s.seconds, 3)}}
-    if as_json:
-        console.print_json(json.dumps(out))
-        return
-    table = Table(title=f"{reranker.name} ({res.mode})")
-    for col in ("rank", "index", "score", "passage"):
-        table.add_column(col)
-    for r, item in enumerate(out["ranking"], start=1):
-        table.add_row(str(r), str(item["index"]), f"{item['score']:.3f}", item["text"][:80])
-    console.print(table)
-    err.print(f"[dim]{s.prompt_tokens} prompt + {s.generated_tokens} generated tokens in {s.forward_passes} "
+    footer = (f"[dim]{s.prompt_tokens} prompt + {s.generated_tokens} generated tokens in {s.forward_passes} "
               f"pass(es), {s.passage_cap} tokens per passage ({s.truncated} cut), {s.seconds:.2f} s[/]")
+    return out, footer
 
 
 def _read_lines(lines: list[str]) -> list[str]:

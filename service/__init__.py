@@ -6,7 +6,7 @@
     batcher.py       the token-budget batcher: length-sorted windows, bounded queue, deadlines, failure isolation
     embed.py         Info, Embed, EmbedStream, Tokenize
     indexing.py      collections, Upsert / DeleteDocuments / GetJob / WatchJob, Search
-    pending.py       Rerank and Answer (UNIMPLEMENTED until their libraries are wired)
+    generation.py    Rerank, Answer, Search's rerank step: lazily loaded decoders, one lane (thread) per decoder
     models.py        the embedders a server holds, loaded once each
     auth.py          API keys, scopes, principals; create / revoke / list keys
     interceptors.py  request ids, metrics, authentication

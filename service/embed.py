@@ -49,9 +49,18 @@ class InfoServicer(info_pb2_grpc.InfoServiceServicer):
                 int8_calibrated=emb.calibration is not None))
         limits = info_pb2.Limits(max_texts_per_request=s.max_texts_per_request, max_batch_tokens=s.max_batch_tokens,
                                  max_queued_texts=s.max_queued_texts, max_message_bytes=s.max_message_bytes,
-                                 max_k=s.max_k, max_documents_per_upsert=s.max_documents_per_upsert)
+                                 max_k=s.max_k, max_documents_per_upsert=s.max_documents_per_upsert,
+                                 max_rerank_passages=s.max_rerank_passages,
+                                 max_answer_passages=s.max_answer_passages, max_new_tokens=s.max_new_tokens,
+                                 max_waiting_generations=s.max_waiting_generations)
+        gen = self.state.generation
+        generation = {}
+        if gen is not None:
+            generation = {name: info_pb2.GenerationModelInfo(name=slot.name, loaded=slot.model is not None)
+                          for name, slot in (("reranker", gen.rerank_slot), ("answerer", gen.answer_slot))
+                          if slot.loader is not None}
         return info_pb2.InfoResponse(version=_version(), default_model=self.state.models.default, models=models,
-                                     limits=limits, auth_enabled=await self.auth_enabled())
+                                     limits=limits, auth_enabled=await self.auth_enabled(), **generation)
 
 
 class EmbedServicer(embed_pb2_grpc.EmbedServiceServicer):

@@ -23,8 +23,9 @@ from sieve_client._proto import (
 
 from .auth import current, require
 from .errors import ServiceError, invalid, rpc, rpc_stream, unimplemented
+from .generation import rerank_hits
 from .interceptors import request_id
-from .state import Plan, ServerState, deadline_of
+from .state import ServerState, deadline_of
 
 METRICS = {0: "ip", 1: "ip", 2: "l2"}
 METRIC_ENUM = {"ip": 1, "l2": 2}
@@ -234,33 +235,32 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
     async def Search(self, request, context):
         name = _need_name(request.collection, "collection")
         require("search", name)
-        engine = self.state.need_store("Search")
+        self.state.need_store("Search")
         if not request.query.strip():
             raise invalid("query", "empty; send the text to search for")
         k = request.k or DEFAULT_K
         if k > self.state.settings.max_k:
             raise invalid("k", f"{k} is over this server's limit of {self.state.settings.max_k}")
-        if request.rerank:
-            raise unimplemented("rerank", "the full-list reranker is not wired into Search yet; "
-                                "search without rerank")
+        if request.rerank and k > self.state.settings.max_rerank_passages:
+            raise invalid("k", f"{k} is over this server's limit of {self.state.settings.max_rerank_passages} "
+                          "with rerank (the reranker ranks at most that many candidates)")
         filters = json_format.MessageToDict(request.filters) if request.HasField("filters") else None
-
-        def collection():
-            collections, session_scope = _store()
-            with session_scope(engine) as s:
-                c = collections.get_collection(s, name)
-                return c.embedder, c.dim
-
-        embedder_name, dim = await asyncio.to_thread(collection)
-        embedder = await self.state.models.get(embedder_name, trusted=True)
-        plan = Plan(embedder_name, embedder, embedder.query_instruction, embedder.encoder.default_pooling,
-                    min(dim, embedder.dim), "float32", True, True)
-        vectors, outcome = await self.state.embed(plan, [request.query], timeout=deadline_of(context), field="query")
-        searcher = self.state.searcher()
-        hits = await asyncio.to_thread(searcher.search, name, vectors[0], k, filters)
+        depth = max(k, min(self.state.settings.rerank_depth, self.state.settings.max_rerank_passages))
+        hits, outcome = await self.state.retrieve(name, request.query, depth if request.rerank else k, filters,
+                                                  timeout=deadline_of(context))
+        tokens, queue_ns, inference_ns = outcome.tokens, outcome.queue_ns, outcome.inference_ns
+        vector_scores = {h.chunk_id: float(h.score) for h in hits}
+        reranker = ""
+        if request.rerank and hits:
+            ranked = await rerank_hits(self.state, request.query, hits, k, context)
+            hits, reranker = ranked.hits, ranked.model
+            tokens, queue_ns, inference_ns = tokens + ranked.tokens, queue_ns + ranked.queue_ns, \
+                inference_ns + ranked.inference_ns
         return search_pb2.SearchResponse(
             hits=[search_pb2.Hit(chunk_id=h.chunk_id, document_id=h.external_id, text=h.text, score=float(h.score),
-                                 metadata=_struct(h.metadata), ordinal=h.ordinal) for h in hits],
-            metadata=common_pb2.Metadata(tokens=outcome.tokens, queue_time_ns=outcome.queue_ns,
-                                         inference_time_ns=outcome.inference_ns, request_id=request_id.get()))
+                                 metadata=_struct(h.metadata), ordinal=h.ordinal,
+                                 vector_score=vector_scores[h.chunk_id]) for h in hits[:k]],
+            reranker=reranker,
+            metadata=common_pb2.Metadata(tokens=tokens, queue_time_ns=queue_ns, inference_time_ns=inference_ns,
+                                         request_id=request_id.get()))
 

@@ -9,6 +9,8 @@
     sieve_queue_depth                                texts waiting for the model
     sieve_queue_rejected_total                       calls refused with RESOURCE_EXHAUSTED by the batcher
     sieve_expired_total                              texts dropped before the model: deadline passed or caller left
+    sieve_generation_waiting{lane}                   Rerank / Answer calls waiting for a busy decoder
+    sieve_generation_rejected_total{lane}            Rerank / Answer calls refused: too many already waiting
 """
 
 from __future__ import annotations
@@ -35,6 +37,10 @@ class Metrics:
         self.queue_rejected = Counter("sieve_queue_rejected", "calls refused because the queue was full", registry=r)
         self.expired = Counter("sieve_expired", "texts dropped before the model (deadline or cancellation)",
                                registry=r)
+        self.generation_waiting = Gauge("sieve_generation_waiting", "Rerank / Answer calls waiting for a busy decoder",
+                                        ["lane"], registry=r)
+        self.generation_rejected = Counter("sieve_generation_rejected", "Rerank / Answer calls refused because too "
+                                           "many already waited for the decoder", ["lane"], registry=r)
         self._http = None
 
     def serve(self, host: str, port: int) -> int:

@@ -6,8 +6,9 @@
     await server.stop()                # NOT_SERVING, no new calls, in-flight calls finish (grace), batcher drained
 
 Services get their own health status: Info, Collection and Document are SERVING at once (they need the database
-only), Embed and Search once the default embedder is loaded, Rerank and Answer stay NOT_SERVING until their
-libraries are wired; the overall status ("") follows the default embedder.
+only), Embed and Search once the default embedder is loaded; Rerank and Answer are SERVING at once when their models
+load on first use (the default), or once loaded with Settings.preload_models; the overall status ("") follows the
+default embedder.
 """
 
 from __future__ import annotations
@@ -43,11 +44,11 @@ from sieve_client._proto import (
 from .auth import KeyStore
 from .batcher import Batcher, Runner, run_encoder
 from .embed import EmbedServicer, InfoServicer
+from .generation import AnswerServicer, Generators, RerankServicer
 from .indexing import CollectionServicer, DocumentServicer, SearchServicer
 from .interceptors import AuthInterceptor, MetricsInterceptor, RequestIdInterceptor
 from .metrics import Metrics
 from .models import ModelPool
-from .pending import AnswerServicer, RerankServicer
 from .state import ServerState
 
 log = logging.getLogger("sieve.service")
@@ -66,7 +67,7 @@ RERANK = _name(rerank_pb2, "RerankService")
 ANSWER = _name(answer_pb2, "AnswerService")
 SERVICES = (INFO, EMBED, COLLECTION, DOCUMENT, SEARCH, RERANK, ANSWER)
 NEED_MODEL = (EMBED, SEARCH)
-NOT_YET = (RERANK, ANSWER)
+GENERATION = (RERANK, ANSWER)
 
 
 @dataclass
@@ -80,6 +81,7 @@ class SieveServer:
     tls: bool
     metrics_port: int | None = None
     _loader: asyncio.Task | None = field(default=None, repr=False)
+    _preloader: asyncio.Task | None = field(default=None, repr=False)
     _stopped: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
     async def start(self) -> None:
@@ -89,11 +91,13 @@ class SieveServer:
         if s.metrics_port >= 0:
             self.metrics_port = self.state.metrics.serve(s.grpc_host, s.metrics_port)
         for name in SERVICES:
-            ready = name not in NEED_MODEL and name not in NOT_YET
+            ready = name not in NEED_MODEL and not (name in GENERATION and s.preload_models)
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING if ready
                                   else health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         self._loader = asyncio.ensure_future(self._load_default())
+        if s.preload_models:
+            self._preloader = asyncio.ensure_future(self._preload_generation())
         log.info("gRPC on %s:%d%s, metrics %s", s.grpc_host, self.port, " (TLS)" if self.tls else "",
                  f"on http://{s.grpc_host}:{self.metrics_port}/metrics" if self.metrics_port is not None else "off")
 
@@ -107,6 +111,13 @@ class SieveServer:
         for name in NEED_MODEL:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+
+    async def _preload_generation(self) -> None:
+        gen = self.state.generation
+        await gen.preload()
+        for name, slot in ((RERANK, gen.rerank_slot), (ANSWER, gen.answer_slot)):
+            if slot.model is not None:
+                await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     async def wait_ready(self, timeout: float | None = None) -> bool:
         if self._loader is None:
@@ -122,9 +133,11 @@ class SieveServer:
         grace = self.state.settings.shutdown_grace_s if grace is None else grace
         await self.health.enter_graceful_shutdown()
         await self.grpc_server.stop(grace)
-        if self._loader is not None:
-            self._loader.cancel()
+        for task in (self._loader, self._preloader):
+            if task is not None:
+                task.cancel()
         await self.state.batcher.close()
+        self.state.generation.close()
         self.state.metrics.stop()
         self._stopped.set()
 
@@ -133,15 +146,19 @@ class SieveServer:
 
 
 def create_server(settings, *, models: ModelPool | None = None, engine=None, index_root: Path | None = None,
-                  runner: Runner = run_encoder) -> SieveServer:
-    """Build the server and bind its port; `models` defaults to the settings' embedders, `engine` (the store) to
-    none: a server without a database serves embeddings only (store RPCs answer UNIMPLEMENTED)."""
+                  runner: Runner = run_encoder, generation: Generators | None = None) -> SieveServer:
+    """Build the server and bind its port; `models` defaults to the settings' embedders, `generation` to the
+    settings' reranker and REFRAG model (loaded on first use), `engine` (the store) to none: a server without a
+    database serves embeddings, Rerank and Answer over sent passages only (store RPCs answer UNIMPLEMENTED)."""
     metrics = Metrics()
     batcher = Batcher(max_batch_tokens=settings.max_batch_tokens, max_queued_texts=settings.max_queued_texts,
                       runner=runner, metrics=metrics)
     state = ServerState(settings=settings, models=models or ModelPool.from_settings(settings), batcher=batcher,
                         metrics=metrics, engine=engine,
-                        index_root=index_root if index_root is not None else settings.index_path())
+                        index_root=index_root if index_root is not None else settings.index_path(),
+                        generation=generation or Generators.from_settings(settings, metrics))
+    if state.generation.metrics is None:
+        state.generation.metrics = metrics
     admin = settings.admin_key.get_secret_value() if settings.admin_key is not None else None
     keys = KeyStore(engine, admin_key=admin, cache_s=settings.auth_cache_s)
     size = settings.max_message_bytes
@@ -154,8 +171,8 @@ def create_server(settings, *, models: ModelPool | None = None, engine=None, ind
     collections_pb2_grpc.add_CollectionServiceServicer_to_server(CollectionServicer(state), server)
     documents_pb2_grpc.add_DocumentServiceServicer_to_server(DocumentServicer(state), server)
     search_pb2_grpc.add_SearchServiceServicer_to_server(SearchServicer(state), server)
-    rerank_pb2_grpc.add_RerankServiceServicer_to_server(RerankServicer(), server)
-    answer_pb2_grpc.add_AnswerServiceServicer_to_server(AnswerServicer(), server)
+    rerank_pb2_grpc.add_RerankServiceServicer_to_server(RerankServicer(state), server)
+    answer_pb2_grpc.add_AnswerServiceServicer_to_server(AnswerServicer(state), server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(

@@ -41,6 +41,7 @@ class ServerState:
     metrics: Metrics
     engine: object | None = None  # SQLAlchemy engine; None: a server without a store (embeddings only)
     index_root: Path | None = None
+    generation: object | None = None  # generation.Generators: the reranker and the REFRAG answerer, loaded lazily
     _searcher: object | None = field(default=None, repr=False)
 
     def need_store(self, what: str):
@@ -56,6 +57,28 @@ class ServerState:
                 raise unimplemented("Search", f"the store's search module is missing ({e})") from None
             self._searcher = Searcher(self.need_store("Search"), self.index_root)
         return self._searcher
+
+    async def retrieve(self, collection: str, query: str, k: int, filters: dict | None, *,
+                       timeout: float | None, field: str = "query") -> tuple[list, Outcome]:
+        """Search and Answer's first stage: embed `query` for `collection` (its embedder, query instruction and
+        dim) through the batcher, then the top `k` chunks from its index (`sieve.store.search.Hit`s)."""
+        engine = self.need_store("Search")
+
+        def describe():
+            from sieve.store import collections, session_scope
+
+            with session_scope(engine) as s:
+                c = collections.get_collection(s, collection)
+                return c.embedder, c.dim
+
+        embedder_name, dim = await asyncio.to_thread(describe)
+        embedder = await self.models.get(embedder_name, trusted=True)
+        plan = Plan(embedder_name, embedder, embedder.query_instruction, embedder.encoder.default_pooling,
+                    min(dim, embedder.dim), "float32", True, True)
+        vectors, outcome = await self.embed(plan, [query], timeout=timeout, field=field)
+        searcher = self.searcher()
+        hits = await asyncio.to_thread(searcher.search, collection, vectors[0], k, filters)
+        return hits, outcome
 
     # ------------------------------------------------------------------------------------------------ embedding
 

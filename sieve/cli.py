@@ -14,6 +14,7 @@ from rich.table import Table
 from sieve import cli_index, cli_service
 from sieve.cli_common import cli_settings, console, err, fail, load_backbone_or_exit
 from sieve.refrag.cli import answer, eval_refrag, train_refrag
+from sieve.remote import ApiKeyOption, RemoteOption, connect, remote_errors
 from sieve.reranker.cli import eval_reranker, rerank, train_reranker
 
 app = typer.Typer(help="Sieve: embeddings, full ranking and compressed RAG answers from one small LLM backbone.",
@@ -147,22 +148,33 @@ def generate(
 @app.command()
 def embed(
     texts: Annotated[list[str], typer.Argument(help="texts to embed")],
-    model: Annotated[str, typer.Option(help="sieve-embed, all-minilm-l6-v2, or a model folder")] = "sieve-embed",
+    model: Annotated[str | None, typer.Option(help="sieve-embed, all-minilm-l6-v2, or a model folder (default: "
+                                                   "sieve-embed; with --remote, the server's default)")] = None,
     query: Annotated[bool, typer.Option("--query", help="use the model's query instruction")] = False,
     instruction: Annotated[str | None, typer.Option(help="a custom instruction (overrides --query)")] = None,
     pooling: Annotated[str | None, typer.Option(help="mean, last, weighted_mean (default: the model's)")] = None,
     dim: Annotated[int | None, typer.Option(help="Matryoshka size")] = None,
     precision: Annotated[str, typer.Option(help="float32, int8, binary")] = "float32",
     no_truncate: Annotated[bool, typer.Option("--no-truncate", help="refuse texts over the limit")] = False,
+    remote: RemoteOption = None,
+    api_key: ApiKeyOption = None,
 ) -> None:
     """Embed TEXTS and print one JSON object: the vectors, their shape and dtype."""
+    if remote:
+        with remote_errors(), connect(remote, api_key) as client:
+            res = client.embed(texts, model=model, query=query, instruction=instruction, pooling=pooling, dim=dim,
+                               precision=precision, truncate=not no_truncate)
+        vecs = res.to_numpy()
+        console.print_json(json.dumps({"model": res.model, "shape": list(vecs.shape), "dtype": str(vecs.dtype),
+                                       "vectors": vecs.tolist()}))
+        return
     from sieve.embedder import InputTooLong, load_embedder
     from sieve.registry import resolve_embedder
 
     settings = cli_settings()
     try:
-        emb = load_embedder(resolve_embedder(model), home=settings.home / "cache", device=settings.device,
-                            dtype=settings.dtype)
+        emb = load_embedder(resolve_embedder(model or "sieve-embed"), home=settings.home / "cache",
+                            device=settings.device, dtype=settings.dtype)
         instr = instruction if instruction is not None else (emb.query_instruction if query else None)
         vecs = emb.encode(texts, instruction=instr, pooling=pooling, dim=dim, precision=precision,
                           truncate=not no_truncate)

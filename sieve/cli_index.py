@@ -1,7 +1,8 @@
 """`sieve worker`, `sieve index`, `sieve search`, `sieve collections ...`: indexing and search on this machine's store.
 
 These talk to the database, broker and index folder named by Settings directly (the embedded default needs nothing
-running but a worker: `sieve worker`, or `sieve index --inline` to index in this process).
+running but a worker: `sieve worker`, or `sieve index --inline` to index in this process), or, with
+`--remote ADDRESS` (SIEVE_REMOTE), to a Sieve server through the SDK (sieve/remote.py).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from sieve.cli_common import cli_settings, console, err, fail
+from sieve.remote import ApiKeyOption, RemoteOption, connect, local_only, remote_errors, remote_only
 from sieve.settings import Settings
 
 collections_app = typer.Typer(help="Collections in the local store: create, list, show, drop.", no_args_is_help=True)
@@ -76,8 +78,13 @@ def index(
     inline: Annotated[bool, typer.Option("--inline", help="index in this process instead of by workers")] = False,
     wait: Annotated[bool, typer.Option(help="follow the jobs until they finish")] = True,
     submit_size: Annotated[int, typer.Option(help="documents per submitted job")] = 5000,
+    remote: RemoteOption = None,
+    api_key: ApiKeyOption = None,
 ) -> None:
     """Index FILES into COLLECTION with a progress bar. Re-running skips documents already indexed unchanged."""
+    if remote:
+        local_only(remote, inline=inline)
+        return _index_remote(remote, api_key, collection, files, create, embedder, index_kind, wait, submit_size)
     from sieve.store.collections import get_collection
     from sieve.store.db import session_scope
     from sieve.store.errors import NotFound
@@ -144,6 +151,95 @@ def index(
         raise typer.Exit(code=1)
 
 
+def _index_remote(remote: str, api_key: str | None, collection: str, files: list[Path], create: bool,
+                  embedder: str | None, index_kind: str, wait: bool, submit_size: int) -> None:
+    """`sieve index --remote`: read the files here, Upsert them in calls under the server's limits, follow the jobs
+    with WatchJob."""
+    from sieve_client import NotFound
+
+    from sieve.workers import sources
+
+    try:
+        paths = sources.expand(files)
+    except FileNotFoundError as e:
+        raise fail(str(e)) from None
+    with remote_errors(), connect(remote, api_key) as client:
+        try:
+            client.get_collection(collection)
+        except NotFound:
+            if not create:
+                raise fail(f"collection {collection!r} does not exist on {remote}: create it with `sieve collections "
+                           f"create {collection} --remote {remote}`, or pass --create") from None
+            made = client.create_collection(collection, embedder=embedder, index_kind=index_kind)
+            err.print(f"created collection {made.name!r} ({made.embedder}, {made.dim}-d, {made.index_kind})")
+        limits = client.limits()
+        per_call = max(1, min(submit_size, limits.get("max_documents_per_upsert") or submit_size))
+        max_bytes = (limits.get("max_message_bytes") or 4 * 1024 * 1024) // 2
+        job_ids: list[int] = []
+        rejected: list[dict] = []
+        buffer: list = []
+        size = 0
+
+        def submit() -> None:
+            nonlocal size
+            if buffer:
+                job_ids.append(client.upsert(collection, buffer).id)
+                buffer.clear()
+                size = 0
+
+        with err.status(f"reading {len(paths)} file(s) and sending them to {remote} ..."):
+            for item in sources.read_documents(files):
+                if isinstance(item, sources.Rejected):
+                    rejected.append(item.as_error())
+                    continue
+                n = len(item.text.encode()) + len(json.dumps(item.metadata or {})) + len(item.external_id) + 16
+                if buffer and (len(buffer) >= per_call or size + n > max_bytes):
+                    submit()
+                buffer.append((item.external_id, item.text, item.metadata or {}))
+                size += n
+            submit()
+        if not job_ids:
+            _report([], rejected)
+            raise fail("no documents found in the files given")
+        err.print(f"submitted job(s) {', '.join(map(str, job_ids))} to collection {collection!r} on {remote}")
+        if not wait:
+            console.print_json(json.dumps({"jobs": job_ids}))
+            return
+        finals = _watch(client, job_ids)
+    _report([_JobView(j.done, j.failed, [{"external_id": e.document_id, "line": e.line, "reason": e.reason}
+                                         for e in j.errors], j.status) for j in finals], rejected)
+    if any(j.status == "failed" for j in finals):
+        raise typer.Exit(code=1)
+
+
+class _JobView:
+    """A remote job in the shape `_report` reads (done, failed, errors as dicts, status)."""
+
+    def __init__(self, done: int, failed: int, errors: list[dict], status: str):
+        self.done, self.failed, self.errors, self.status = done, failed, errors, status
+
+
+def _watch(client, job_ids: list[int]) -> list:
+    """A progress bar over the jobs, fed by WatchJob (one job after the other; the jobs run in parallel on the
+    server, so later ones are often finished by the time they are watched)."""
+    jobs = {j: client.get_job(j) for j in job_ids}
+    start = time.monotonic()
+    with _progress() as bar:
+        task = bar.add_task("indexing", total=sum(j.total for j in jobs.values()), rate="")
+
+        def show() -> None:
+            settled = sum(j.done + j.failed for j in jobs.values())
+            elapsed = time.monotonic() - start
+            bar.update(task, completed=settled, rate=f"{settled / elapsed:.1f} docs/s" if elapsed > 0 else "")
+
+        for job_id in job_ids:
+            for job in client.watch_job(job_id):
+                jobs[job_id] = job
+                show()
+        show()
+    return [jobs[j] for j in job_ids]
+
+
 def _follow(engine, job_ids: list[int], ctx) -> list:
     from sieve.workers import jobs
     from sieve.workers.pipeline import drain
@@ -165,10 +261,11 @@ def _follow(engine, job_ids: list[int], ctx) -> list:
             time.sleep(0.25)
 
 
-def _report(infos: list) -> None:
+def _report(infos: list, rejected: list[dict] = ()) -> None:
+    """rejected: documents refused while reading (remote indexing; locally they are in the jobs' errors)."""
     done = sum(i.done for i in infos)
-    failed = sum(i.failed for i in infos)
-    errors = [e for i in infos for e in i.errors]
+    failed = sum(i.failed for i in infos) + len(rejected)
+    errors = [*rejected, *(e for i in infos for e in i.errors)]
     err.print(f"[bold]{done}[/] documents indexed or unchanged, [bold]{failed}[/] failed")
     if errors:
         table = Table("where", "reason", title=f"{len(errors)} problem(s)" + (" (first 20)" if len(errors) > 20
@@ -185,17 +282,13 @@ def search(
     k: Annotated[int, typer.Option("-k", help="results")] = 10,
     filter_: Annotated[list[str] | None, typer.Option("--filter", help="metadata key=value (repeatable)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    rerank: Annotated[bool, typer.Option("--rerank", help="re-order the top candidates with the server's full-list "
+                                                        "reranker (needs --remote)")] = False,
+    remote: RemoteOption = None,
+    api_key: ApiKeyOption = None,
 ) -> None:
-    """Search COLLECTION in the local index and print the ranked chunks."""
-    from sieve.embedder import load_embedder
-    from sieve.registry import resolve_embedder
-    from sieve.store.collections import get_collection
-    from sieve.store.db import session_scope
-    from sieve.store.errors import InvalidInput, NotFound
-    from sieve.store.search import Searcher
-
-    settings = cli_settings()
-    engine = open_store(settings)
+    """Search COLLECTION in the local index (or on a server with --remote) and print the ranked chunks."""
+    remote_only(remote, rerank=rerank)
     filters = {}
     for f in filter_ or []:
         key, sep, value = f.partition("=")
@@ -205,6 +298,21 @@ def search(
             filters[key] = json.loads(value)
         except json.JSONDecodeError:
             filters[key] = value
+    if remote:
+        with remote_errors(), connect(remote, api_key) as client:
+            found = client.search(collection, query, k=k, filters=filters or None, rerank=rerank)
+        hits = [_RemoteHit(h.chunk_id, h.document_id, h.text, h.score, h.metadata, h.ordinal, h.vector_score)
+                for h in found]
+        return _print_hits(collection, query, hits, as_json)
+    from sieve.embedder import load_embedder
+    from sieve.registry import resolve_embedder
+    from sieve.store.collections import get_collection
+    from sieve.store.db import session_scope
+    from sieve.store.errors import InvalidInput, NotFound
+    from sieve.store.search import Searcher
+
+    settings = cli_settings()
+    engine = open_store(settings)
     try:
         with session_scope(engine) as s:
             coll = get_collection(s, collection)
@@ -215,6 +323,21 @@ def search(
         hits = Searcher(engine, settings.index_path()).search(collection, vector, k, filters)
     except (NotFound, InvalidInput, FileNotFoundError) as e:
         raise fail(str(e)) from None
+    _print_hits(collection, query, hits, as_json)
+
+
+class _RemoteHit:
+    """A hit from the server, with the fields (and JSON keys) of a local `sieve.store.search.Hit`; `vector_score`
+    (the index's similarity) too when the server reranked."""
+
+    def __init__(self, chunk_id, external_id, text, score, metadata, ordinal, vector_score):
+        self.chunk_id, self.external_id, self.text, self.score = chunk_id, external_id, text, score
+        self.metadata, self.ordinal = metadata, ordinal
+        if vector_score is not None and vector_score != score:
+            self.vector_score = vector_score
+
+
+def _print_hits(collection: str, query: str, hits: list, as_json: bool) -> None:
     if as_json:
         console.print_json(json.dumps([h.__dict__ for h in hits]))
         return
@@ -248,22 +371,40 @@ def collections_create(
     embedder: Annotated[str | None, typer.Option(help="sieve-embed, all-minilm-l6-v2 or a model folder")] = None,
     index_kind: Annotated[str, typer.Option(help="flat, hnsw or ivf-pq")] = "flat",
     metric: Annotated[str, typer.Option(help="ip or l2")] = "ip",
+    remote: RemoteOption = None,
+    api_key: ApiKeyOption = None,
 ) -> None:
     """Create a collection."""
+    if remote:
+        with remote_errors(), connect(remote, api_key) as client:
+            made = client.create_collection(name, embedder=embedder, index_kind=index_kind, metric=metric)
+        err.print(f"created collection {made.name!r} ({made.embedder}, {made.dim}-d, {made.index_kind}) on {remote}")
+        return
     settings = cli_settings()
     _create(settings, open_store(settings), name, embedder or settings.embedder, index_kind, metric)
 
 
 @collections_app.command("list")
-def collections_list(as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> None:
+def collections_list(
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    remote: RemoteOption = None,
+    api_key: ApiKeyOption = None,
+) -> None:
     """List collections with their document and chunk counts."""
-    from sieve.store.collections import collection_stats, list_collections
-    from sieve.store.db import session_scope
+    if remote:
+        with remote_errors(), connect(remote, api_key) as client:
+            rows = [{"name": c.name, "embedder": c.embedder, "dim": c.dim, "index": c.index_kind,
+                     "documents": c.documents, **{k: c.documents_by_status.get(k, 0) for k in
+                                                  ("pending", "indexed", "failed")}, "chunks": c.chunks}
+                    for c in client.list_collections()]
+    else:
+        from sieve.store.collections import collection_stats, list_collections
+        from sieve.store.db import session_scope
 
-    settings = cli_settings()
-    with session_scope(open_store(settings)) as s:
-        rows = [{"name": c.name, "embedder": c.embedder, "dim": c.dim, "index": c.index_kind,
-                 **collection_stats(s, c)} for c in list_collections(s)]
+        settings = cli_settings()
+        with session_scope(open_store(settings)) as s:
+            rows = [{"name": c.name, "embedder": c.embedder, "dim": c.dim, "index": c.index_kind,
+                     **collection_stats(s, c)} for c in list_collections(s)]
     if as_json:
         console.print_json(json.dumps(rows))
         return
@@ -278,14 +419,22 @@ def collections_list(as_json: Annotated[bool, typer.Option("--json", help="print
 def collections_drop(
     name: Annotated[str, typer.Argument(help="collection to delete, with its documents and index")],
     yes: Annotated[bool, typer.Option("--yes", help="do not ask")] = False,
+    remote: RemoteOption = None,
+    api_key: ApiKeyOption = None,
 ) -> None:
     """Delete a collection: documents, chunks, vectors, jobs and index files."""
+    if not yes and sys.stdin.isatty() and not typer.confirm(
+            f"drop collection {name!r} and everything in it{f' on {remote}' if remote else ''}?"):
+        raise typer.Exit(code=1)
+    if remote:
+        with remote_errors(), connect(remote, api_key) as client:
+            client.delete_collection(name)
+        err.print(f"dropped collection {name!r} on {remote}")
+        return
     from sieve.store.errors import NotFound
     from sieve.workers.jobs import drop_collection
 
     settings = cli_settings()
-    if not yes and sys.stdin.isatty() and not typer.confirm(f"drop collection {name!r} and everything in it?"):
-        raise typer.Exit(code=1)
     try:
         drop_collection(open_store(settings), settings.index_path(), name)
     except NotFound as e:

@@ -1,6 +1,7 @@
 """`sieve serve` and `sieve keys ...`: the CLI of the gRPC service (mounted on the main app in sieve/cli.py).
 
-    sieve serve [--host H] [--port P] [--no-worker]     the server, plus one embedded Celery worker by default
+    sieve serve [--host H] [--port P] [--no-worker] [--preload]
+                                                       the server, plus one embedded Celery worker by default
     sieve keys create NAME --scope embed --scope search:docs
     sieve keys list
     sieve keys revoke ID
@@ -74,14 +75,18 @@ def serve(
     metrics_port: Annotated[int | None, typer.Option(
         help="Prometheus port (default SIEVE_METRICS_PORT, 9464; -1: off)")] = None,
     worker: Annotated[bool, typer.Option("--worker/--no-worker", help="run one embedded Celery worker")] = True,
+    preload: Annotated[bool | None, typer.Option(
+        "--preload/--lazy", help="load the reranker and REFRAG model at start instead of on the first Rerank / "
+        "Answer call (default SIEVE_PRELOAD_MODELS, lazy)")] = None,
 ) -> None:
-    """Serve the gRPC API (embed, collections, indexing, search) with an embedded worker, until Ctrl-C."""
+    """Serve the gRPC API (embed, collections, indexing, search, rerank, answer) with an embedded worker, until
+    Ctrl-C."""
     from sieve.service import create_server, run
     from sieve.service.interceptors import RequestIdFilter
 
     settings = Settings()
-    updates = {k: v for k, v in {"grpc_host": host, "grpc_port": port, "metrics_port": metrics_port}.items()
-               if v is not None}
+    updates = {k: v for k, v in {"grpc_host": host, "grpc_port": port, "metrics_port": metrics_port,
+                                 "preload_models": preload}.items() if v is not None}
     if updates:
         settings = settings.model_copy(update=updates)
     handler = logging.StreamHandler()
@@ -120,11 +125,14 @@ def _print_where(settings: Settings, server, worker_line: str, auth_on: bool) ->
     auth = ("on (admin key set)" if settings.admin_key is not None else "on (API keys exist)" if auth_on else
             "OFF: no SIEVE_ADMIN_KEY and no key yet (fine on 127.0.0.1; `sieve keys create` turns it on)")
     table = Table(show_header=False, box=None, title="sieve serve")
+    lazy = "loads on the first call that needs it; --preload to load at start"
     scheme = "grpcs" if server.tls else "grpc"
     for k, v in (("gRPC", f"{scheme}://{settings.grpc_host}:{server.port}"),
                  ("metrics", f"http://{settings.grpc_host}:{server.metrics_port}/metrics"
                   if server.metrics_port is not None else "off"),
                  ("default embedder", f"{settings.embedder} (loading; health turns SERVING when ready)"),
+                 ("reranker", f"{settings.reranker} ({'loading now' if settings.preload_models else lazy})"),
+                 ("answers", f"{settings.refrag} ({'loading now' if settings.preload_models else lazy})"),
                  ("database", settings.resolved_database_url()),
                  ("indexes", str(settings.index_path())),
                  ("broker", settings.resolved_broker_url()),

@@ -71,6 +71,22 @@ class Settings(BaseSettings):
         "working within this time")
     shutdown_grace_s: float = Field(10.0, ge=0, description="on SIGTERM/SIGINT, seconds in-flight calls get to finish")
     job_poll_s: float = Field(0.25, gt=0, description="how often WatchJob re-reads a job's progress")
+    # -- rerank and answer (sieve.service over sieve.reranker / sieve.refrag) --
+    reranker: str = Field("sieve-rank", description="reranker of Rerank and Search(rerank): a shipped name or a folder")
+    refrag: str = Field("refrag-k16", description="REFRAG model of Answer: a shipped name or a folder")
+    preload_models: bool = Field(
+        False, description="load the reranker and REFRAG model at start (their health is NOT_SERVING until then) "
+        "instead of on the first call that needs them")
+    max_rerank_passages: int = Field(100, ge=1, le=100, description="passages in one Rerank call")
+    rerank_depth: int = Field(
+        20, ge=1, le=100, description="candidates Search(rerank) reranks: max(k, this), at most max_rerank_passages")
+    answer_k: int = Field(5, ge=1, description="passages Answer retrieves from a collection when the call says 0")
+    max_answer_passages: int = Field(50, ge=1, le=200, description="passages in one Answer call (sent or retrieved)")
+    answer_max_new_tokens: int = Field(256, ge=1, description="max_new_tokens of Answer when the call says 0")
+    max_new_tokens: int = Field(2048, ge=1, description="largest max_new_tokens an Answer call may ask for")
+    max_waiting_generations: int = Field(
+        8, ge=0, description="Rerank / Answer calls waiting for a busy decoder (one KV cache: one call at a time) "
+        "before more get RESOURCE_EXHAUSTED")
 
     def resolved_database_url(self) -> str:
         if self.database_url:

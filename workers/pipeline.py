@@ -74,9 +74,11 @@ class WorkerContext:
     def blocks(self):
         """The REFRAG block encoder (decoder tokenizer + chunk encoder; no decoder weights), loaded once."""
         if self.block_encoder is None:
+            from sieve.backbone.loader import resolve_device
             from sieve.refrag.encoder import load_block_encoder
 
-            self.block_encoder = load_block_encoder(home=self.model_home, device=self.device)
+            device = str(resolve_device(self.device))  # "auto" -> cuda or cpu: the encoder takes a real device
+            self.block_encoder = load_block_encoder(home=self.model_home, device=device)
         return self.block_encoder
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from google.protobuf import json_format, struct_pb2
 
-from ._proto import collections_pb2, documents_pb2, embed_pb2, info_pb2, search_pb2
+from ._proto import answer_pb2, collections_pb2, documents_pb2, embed_pb2, info_pb2, rerank_pb2, search_pb2
 from .results import (
     INDEX_KINDS,
     JOB_STATUSES,
@@ -18,10 +18,13 @@ from .results import (
     Collection,
     Document,
     EmbedResult,
+    GenerationModel,
     Hit,
     Job,
     JobError,
     ModelInfo,
+    Rank,
+    RerankResult,
     ServerInfo,
     Tokens,
 )
@@ -104,7 +107,9 @@ def server_info(r: info_pb2.InfoResponse) -> ServerInfo:
     models = [ModelInfo(m.name, m.dim, m.max_length, m.default_pooling, m.query_instruction, m.document_instruction,
                         m.loaded, m.int8_calibrated) for m in r.models]
     limits = {f.name: getattr(r.limits, f.name) for f in r.limits.DESCRIPTOR.fields}
-    return ServerInfo(r.version, r.default_model, models, limits, r.auth_enabled)
+    generation = {name: GenerationModel(getattr(r, name).name, getattr(r, name).loaded) if r.HasField(name) else None
+                  for name in ("reranker", "answerer")}
+    return ServerInfo(r.version, r.default_model, models, limits, r.auth_enabled, **generation)
 
 
 def _time(message, name: str):
@@ -158,8 +163,39 @@ def search_request(collection: str, query: str, k: int, filters: Mapping[str, An
 
 
 def hits(r: search_pb2.SearchResponse) -> list[Hit]:
-    return [Hit(h.chunk_id, h.document_id, h.text, h.score, json_format.MessageToDict(h.metadata), h.ordinal)
-            for h in r.hits]
+    return [Hit(h.chunk_id, h.document_id, h.text, h.score, json_format.MessageToDict(h.metadata), h.ordinal,
+                h.vector_score) for h in r.hits]
+
+
+RERANK_MODES = {"full": 1, "first": 2, "sliding": 3}
+_MODE_NAMES = {v: k for k, v in RERANK_MODES.items()} | {0: "full"}
+
+
+def rerank_request(query: str, passages, mode: str, top_k: int | None, return_text: bool) -> rerank_pb2.RerankRequest:
+    if isinstance(passages, str):
+        raise TypeError("pass a list of passages; wrap a single passage in a list")
+    if top_k is not None and top_k < 1:
+        raise ValueError("top_k must be at least 1 (or None for all)")
+    return rerank_pb2.RerankRequest(query=query, passages=list(passages), mode=_choice(mode, RERANK_MODES, "mode"),
+                                    top_k=top_k or 0, return_text=return_text)
+
+
+def rerank_result(r: rerank_pb2.RerankResponse) -> RerankResult:
+    ranks = [Rank(x.index, x.score, x.text if x.HasField("text") else None) for x in r.ranks]
+    return RerankResult(ranks, r.model, _MODE_NAMES.get(r.mode, "full"), r.passage_cap, r.truncated,
+                        r.metadata.tokens, r.metadata.inference_time_ns / 1e9, r.metadata.request_id)
+
+
+def answer_request(question: str, collection: str | None, passages, k: int, max_new_tokens: int, temperature: float,
+                   expansion: float | None, filters: Mapping[str, Any] | None) -> answer_pb2.AnswerRequest:
+    if isinstance(passages, str):
+        raise TypeError("pass a list of passages; wrap a single passage in a list")
+    request = answer_pb2.AnswerRequest(question=question, collection=collection or "", passages=list(passages),
+                                       k=k, max_new_tokens=max_new_tokens, temperature=temperature,
+                                       filters=_struct(filters))
+    if expansion is not None:
+        request.expansion = expansion
+    return request
 
 
 def precision_name(value: int) -> str:

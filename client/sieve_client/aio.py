@@ -23,7 +23,6 @@ from ._channel import (
     health_status,
 )
 from ._proto import (
-    answer_pb2,
     answer_pb2_grpc,
     collections_pb2,
     collections_pb2_grpc,
@@ -33,13 +32,13 @@ from ._proto import (
     embed_pb2_grpc,
     info_pb2,
     info_pb2_grpc,
-    rerank_pb2,
     rerank_pb2_grpc,
     search_pb2_grpc,
 )
+from .answers import AsyncAnswerStream
 from .client import FALLBACK_MAX_TEXTS
 from .errors import RETRYABLE, from_rpc_error
-from .results import Collection, Document, EmbedResult, Hit, Job, Rank, ServerInfo, Tokens
+from .results import Collection, Document, EmbedResult, Hit, Job, RerankResult, ServerInfo, Tokens
 
 
 class AsyncSieveClient:
@@ -239,20 +238,18 @@ class AsyncSieveClient:
         request = cv.search_request(collection, query, k, filters, rerank)
         return cv.hits(await self._call(self._search.Search, request, timeout))
 
-    async def rerank(self, query: str, passages: Sequence[str], *, top_n: int = 0, return_text: bool = False,
-                     timeout: float | None = None) -> list[Rank]:
-        request = rerank_pb2.RerankRequest(query=query, passages=list(passages), top_n=top_n, return_text=return_text)
-        r = await self._call(self._rerank.Rerank, request, timeout)
-        return [Rank(x.index, x.score, x.text if x.HasField("text") else None) for x in r.ranks]
+    async def rerank(self, query: str, passages: Sequence[str], *, mode: str = "full", top_k: int | None = None,
+                     return_text: bool = False, timeout: float | None = None) -> RerankResult:
+        """Rank `passages` by relevance to `query` in one pass (mode "full"), by first-token logits ("first") or
+        with the sliding-window baseline ("sliding"); `top_k`: only the best k. See `SieveClient.rerank`."""
+        r = await self._call(self._rerank.Rerank, cv.rerank_request(query, passages, mode, top_k, return_text),
+                             timeout)
+        return cv.rerank_result(r)
 
-    async def answer(self, question: str, *, collection: str | None = None, passages: Sequence[str] = (),
-                     k: int = 0, max_new_tokens: int = 0, temperature: float = 0.0,
-                     timeout: float | None = None) -> AsyncIterator[str]:
-        request = answer_pb2.AnswerRequest(question=question, collection=collection or "", passages=list(passages),
-                                           k=k, max_new_tokens=max_new_tokens, temperature=temperature)
-        try:
-            async for r in self._answer.Answer(request, timeout=timeout, metadata=self._metadata):
-                if r.text:
-                    yield r.text
-        except grpc.RpcError as e:
-            raise from_rpc_error(e) from None
+    def answer(self, question: str, *, collection: str | None = None, passages: Sequence[str] = (), k: int = 0,
+               max_new_tokens: int = 0, temperature: float = 0.0, expansion: float | None = None,
+               filters: Mapping[str, Any] | None = None, timeout: float | None = None) -> AsyncAnswerStream:
+        """`async for piece in client.answer(...)`: see `SieveClient.answer`."""
+        request = cv.answer_request(question, collection, passages, k, max_new_tokens, temperature, expansion,
+                                    filters)
+        return AsyncAnswerStream(self._answer.Answer(request, timeout=timeout, metadata=self._metadata))

@@ -22,7 +22,6 @@ from ._channel import (
     health_status,
 )
 from ._proto import (
-    answer_pb2,
     answer_pb2_grpc,
     collections_pb2,
     collections_pb2_grpc,
@@ -32,12 +31,12 @@ from ._proto import (
     embed_pb2_grpc,
     info_pb2,
     info_pb2_grpc,
-    rerank_pb2,
     rerank_pb2_grpc,
     search_pb2_grpc,
 )
+from .answers import AnswerStream
 from .errors import RETRYABLE, from_rpc_error
-from .results import Collection, Document, EmbedResult, Hit, Job, Rank, ServerInfo, Tokens
+from .results import Collection, Document, EmbedResult, Hit, Job, RerankResult, ServerInfo, Tokens
 
 FALLBACK_MAX_TEXTS = 256
 
@@ -271,17 +270,23 @@ class SieveClient:
         return cv.hits(self._call(self._search.Search, cv.search_request(collection, query, k, filters, rerank),
                                   timeout))
 
-    def rerank(self, query: str, passages: Sequence[str], *, top_n: int = 0, return_text: bool = False,
-               timeout: float | None = None) -> list[Rank]:
-        request = rerank_pb2.RerankRequest(query=query, passages=list(passages), top_n=top_n, return_text=return_text)
-        r = self._call(self._rerank.Rerank, request, timeout)
-        return [Rank(x.index, x.score, x.text if x.HasField("text") else None) for x in r.ranks]
+    def rerank(self, query: str, passages: Sequence[str], *, mode: str = "full", top_k: int | None = None,
+               return_text: bool = False, timeout: float | None = None) -> RerankResult:
+        """Rank `passages` by relevance to `query`: "full" ranks the whole list in one pass (always a valid
+        permutation; scores n - position), "first" by first-token logits (one forward; scores are log-probs),
+        "sliding" with the sliding-window baseline. `top_k`: only the best k (full mode also decodes only k ids).
+        Iterate the result for `Rank`s, best first, or take `.order`."""
+        r = self._call(self._rerank.Rerank, cv.rerank_request(query, passages, mode, top_k, return_text), timeout)
+        return cv.rerank_result(r)
 
     def answer(self, question: str, *, collection: str | None = None, passages: Sequence[str] = (), k: int = 0,
-               max_new_tokens: int = 0, temperature: float = 0.0, timeout: float | None = None) -> Iterator[str]:
-        """The answer's text, piece by piece as it is generated."""
-        request = answer_pb2.AnswerRequest(question=question, collection=collection or "", passages=list(passages),
-                                           k=k, max_new_tokens=max_new_tokens, temperature=temperature)
-        for r in self._stream(self._answer.Answer(request, timeout=timeout, metadata=self._metadata)):
-            if r.text:
-                yield r.text
+               max_new_tokens: int = 0, temperature: float = 0.0, expansion: float | None = None,
+               filters: Mapping[str, Any] | None = None, timeout: float | None = None) -> AnswerStream:
+        """Answer `question` from the top `k` chunks of `collection` (Search with the question, `filters` on
+        metadata), or from `passages` sent now, with REFRAG compressed decoding. Returns at once; iterate the
+        stream for the text pieces as they are generated (`.citations`, `.usage`, `.finish_reason` fill in as it
+        goes; `.cancel()` stops the server). `expansion`: fraction of context blocks fed as full tokens (0..1);
+        0 values: the server's defaults. No retries: a stream is not replayed."""
+        request = cv.answer_request(question, collection, passages, k, max_new_tokens, temperature, expansion,
+                                    filters)
+        return AnswerStream(self._answer.Answer(request, timeout=timeout, metadata=self._metadata))

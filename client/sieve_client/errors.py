@@ -58,6 +58,12 @@ class DeadlineExceeded(SieveError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
+class FailedPrecondition(SieveError):
+    """The call is valid but the state does not allow it (e.g. Answer on a collection with nothing indexed)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
 class Unimplemented(SieveError):
     code = grpc.StatusCode.UNIMPLEMENTED
 
@@ -71,8 +77,8 @@ class InternalError(SieveError):
 
 
 _BY_CODE = {cls.code: cls for cls in (InvalidArgument, NotFound, AlreadyExists, Unauthenticated, PermissionDenied,
-                                      ResourceExhausted, Unavailable, DeadlineExceeded, Unimplemented, Cancelled,
-                                      InternalError)}
+                                      ResourceExhausted, Unavailable, DeadlineExceeded, FailedPrecondition,
+                                      Unimplemented, Cancelled, InternalError)}
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 
 

@@ -58,12 +58,22 @@ class ModelInfo:
 
 
 @dataclass
+class GenerationModel:
+    """The reranker or the REFRAG model of a server: its name, and whether a call has loaded it yet."""
+
+    name: str
+    loaded: bool
+
+
+@dataclass
 class ServerInfo:
     version: str
     default_model: str
     models: list[ModelInfo]
     limits: dict[str, int]
     auth_enabled: bool
+    reranker: GenerationModel | None = None
+    answerer: GenerationModel | None = None
 
 
 @dataclass
@@ -113,16 +123,72 @@ class Job:
 
 @dataclass
 class Hit:
+    """score: what the hits are ordered by (the reranker's score with rerank=True); vector_score: the index's
+    similarity."""
+
     chunk_id: int
     document_id: str
     text: str
     score: float
     metadata: dict[str, Any]
     ordinal: int
+    vector_score: float | None = None
 
 
 @dataclass
 class Rank:
+    """A passage's place in a ranking: `index` into the passages sent, its score (higher is better)."""
+
     index: int
     score: float
     text: str | None = None
+
+
+@dataclass
+class RerankResult:
+    """The ranking, best first (iterate it, index it, or take `order`), and what the server did."""
+
+    ranks: list[Rank]
+    model: str
+    mode: str  # full | first | sliding
+    passage_cap: int = 0  # tokens each passage was allowed
+    truncated: int = 0  # passages cut to passage_cap
+    tokens: int = 0  # tokens the model processed
+    seconds: float = 0.0  # model time
+    request_id: str = ""
+
+    @property
+    def order(self) -> list[int]:
+        return [r.index for r in self.ranks]
+
+    def __iter__(self):
+        return iter(self.ranks)
+
+    def __len__(self) -> int:
+        return len(self.ranks)
+
+    def __getitem__(self, i):
+        return self.ranks[i]
+
+
+@dataclass
+class Citation:
+    """A passage an answer draws on: `index` into the passages sent (or the retrieved list); for retrieved
+    chunks also their chunk id, document id, retrieval score and text."""
+
+    index: int
+    chunk_id: int = 0
+    document_id: str = ""
+    score: float = 0.0
+    text: str = ""
+
+
+@dataclass
+class AnswerUsage:
+    prompt_positions: int  # decoder positions of the compressed prompt
+    full_prompt_tokens: int  # the same prompt uncompressed
+    blocks: int
+    expanded_blocks: int
+    generated_tokens: int
+    precomputed_passages: int
+    time_to_first_token_s: float

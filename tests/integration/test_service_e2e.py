@@ -1,10 +1,12 @@
-"""The real server process (`python -m sieve.service`, all-MiniLM-L6-v2, SQLite store) on free ports, through the
-SDK, sync and async: every RPC, reflection as grpcurl uses it, health flipping to SERVING, the bad-input table,
-200 concurrent callers against a small queue, and a graceful exit on SIGTERM."""
+"""The real server process (`python -m sieve.service`, all-MiniLM-L6-v2, SQLite store, SmolLM2 reranker and REFRAG
+model preloaded) on free ports, through the SDK, sync and async: every RPC (Rerank, Search(rerank) and the streamed
+Answer included), reflection as grpcurl uses it, health flipping to SERVING, the bad-input table, 200 concurrent
+callers against a small queue, a remote CLI command, and a graceful exit on SIGTERM."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -54,7 +56,11 @@ def served(tmp_path_factory):
     port, metrics_port = free_port(), free_port()
     env = dict(os.environ, SIEVE_HOME=str(home), SIEVE_EMBEDDER="all-minilm-l6-v2", SIEVE_THREADS="1",
                SIEVE_ADMIN_KEY=ADMIN, SIEVE_MAX_QUEUED_TEXTS="64", SIEVE_MAX_TEXTS_PER_REQUEST="64",
-               SIEVE_MAX_MESSAGE_BYTES=str(256 * 1024), SIEVE_AUTH_CACHE_S="0", SIEVE_LOG_LEVEL="WARNING")
+               SIEVE_MAX_MESSAGE_BYTES=str(256 * 1024), SIEVE_AUTH_CACHE_S="0", SIEVE_LOG_LEVEL="WARNING",
+               SIEVE_PRELOAD_MODELS="1",
+               # the worker's REFRAG block encoder hands the device setting to sentence-transformers as it is, and
+               # "auto" is not a torch device (workers/pipeline.py WorkerContext.blocks): name the device
+               SIEVE_DEVICE="cpu")
     with_worker = worker_available()
     cmd = [sys.executable, "-m", "sieve.service", "--port", str(port), "--metrics-port", str(metrics_port)]
     if not with_worker:
@@ -153,10 +159,6 @@ def test_every_rpc_through_the_sync_sdk(served, minilm):
         else:
             first = next(iter(c.watch_job(job.id, timeout=5)))
             assert first.id == job.id and first.status in ("pending", "running")
-        with pytest.raises(Unimplemented):
-            c.rerank("q", ["p"])
-        with pytest.raises(Unimplemented):
-            list(c.answer("q", passages=["p"]))
         c.delete_collection("docs")
         with pytest.raises(NotFound):
             c.get_collection("docs")
@@ -189,6 +191,73 @@ def test_every_rpc_through_the_async_sdk(served, minilm):
             await c.delete_collection("adocs")
 
     asyncio.run(go())
+
+
+PASSAGES = ["The Eiffel Tower is a landmark in Paris.", "Aspirin lowers the risk of heart attacks.",
+            "Gluons bind quarks together through the strong force."]
+
+
+def test_rerank_search_rerank_and_answer_through_the_real_server(served):
+    """SmolLM2 through the real path: Rerank, Search(rerank=true) over indexed chunks, Answer from sent passages
+    and from a collection (block encodings precomputed by the worker), sync and async, and `sieve search --remote`."""
+    with SieveClient(served["target"], api_key=ADMIN, timeout=300) as c:
+        for service in ("sieve.v1.RerankService", "sieve.v1.AnswerService"):
+            c.wait_until_serving(timeout=300, service=service)  # preloaded (SIEVE_PRELOAD_MODELS)
+        info = c.info()
+        assert (info.reranker.name, info.reranker.loaded, info.answerer.name) == ("sieve-rank", True, "refrag-k16")
+        ranked = c.rerank("What lowers the risk of a heart attack?", PASSAGES, return_text=True)
+        assert sorted(ranked.order) == [0, 1, 2] and (ranked.model, ranked.mode) == ("sieve-rank", "full")
+        assert [r.score for r in ranked] == [3.0, 2.0, 1.0] and ranked[0].text == PASSAGES[ranked.order[0]]
+        first = c.rerank("What lowers the risk of a heart attack?", PASSAGES, mode="first", top_k=1)
+        assert len(first) == 1 and first.mode == "first" and first.tokens > 0
+
+        stream = c.answer("What binds quarks together?", passages=PASSAGES, max_new_tokens=8)
+        answer = stream.read()
+        assert answer.strip() and [x.index for x in stream.citations] == [0, 1, 2]
+        assert stream.finish_reason in ("eos", "max_new_tokens") and 0 < stream.usage.generated_tokens <= 8
+        assert stream.usage.prompt_positions < stream.usage.full_prompt_tokens  # the passages went in compressed
+        with pytest.raises(InvalidArgument, match=r"passages\[1\]: empty"):
+            list(c.answer("q?", passages=["a", " "]))
+
+        if served["worker"]:
+            c.create_collection("rag")
+            job = c.upsert("rag", [(f"p{i}", p) for i, p in enumerate(PASSAGES)])
+            final = c.wait_job(job.id, timeout=240)
+            assert final.status == "done", final.errors
+            plain = c.search("rag", "What binds quarks together?", k=3)
+            hits = c.search("rag", "What binds quarks together?", k=2, rerank=True)  # reranks all 3 candidates
+            assert len(hits) == 2 and {h.chunk_id for h in hits} <= {h.chunk_id for h in plain}
+            assert [h.score for h in hits] == [3.0, 2.0]
+            by_id = {h.chunk_id: h.score for h in plain}
+            assert all(h.vector_score == pytest.approx(by_id[h.chunk_id], abs=1e-5) for h in hits)
+            rag = c.answer("What binds quarks together?", collection="rag", k=2, max_new_tokens=8)
+            assert rag.read().strip()
+            assert [x.chunk_id for x in rag.citations] == [h.chunk_id for h in plain[:2]]
+            assert rag.usage.precomputed_passages == 2  # the worker's block encodings, not re-encoded
+
+            cli = subprocess.run([sys.executable, "-m", "sieve.cli", "search", "rag", "What binds quarks together?",
+                                  "-k", "2", "--json", "--remote", served["target"]], capture_output=True, text=True,
+                                 env={**os.environ, "SIEVE_API_KEY": ADMIN}, timeout=120)
+            assert cli.returncode == 0, cli.stderr
+            assert [h["chunk_id"] for h in json.loads(cli.stdout)] == [h.chunk_id for h in plain[:2]]
+            c.delete_collection("rag")
+        else:
+            cli = subprocess.run([sys.executable, "-m", "sieve.cli", "rerank", "heart attack", *PASSAGES, "--json",
+                                  "--remote", served["target"]], capture_output=True, text=True,
+                                 env={**os.environ, "SIEVE_API_KEY": ADMIN}, timeout=120)
+            assert cli.returncode == 0, cli.stderr
+            assert sorted(r["index"] for r in json.loads(cli.stdout)["ranking"]) == [0, 1, 2]
+
+    async def go():
+        async with AsyncSieveClient(served["target"], api_key=ADMIN, timeout=300) as a:
+            r = await a.rerank("quarks", PASSAGES, mode="sliding")
+            s = a.answer("Where is the Eiffel Tower?", passages=PASSAGES[:1], max_new_tokens=6)
+            pieces = [p async for p in s]
+            return r, pieces, s
+
+    r, pieces, s = asyncio.run(go())
+    assert sorted(r.order) == [0, 1, 2] and r.mode == "sliding"
+    assert pieces and "".join(pieces) == s.text and s.citations[0].index == 0
 
 
 def test_bad_input_table(served):
@@ -229,6 +298,14 @@ def test_bad_input_table(served):
          "larger than max"),
         ("expired deadline", lambda: raw(embed_pb2.EmbedRequest(texts=TEXTS * 20), timeout=0.0005),
          "DEADLINE_EXCEEDED", ""),
+        ("rerank: no passages", lambda: admin.rerank("q", []), "INVALID_ARGUMENT", "passages: empty"),
+        ("rerank: too many passages", lambda: admin.rerank("q", ["p"] * 101), "INVALID_ARGUMENT", "passages: 101"),
+        ("answer: empty question", lambda: list(admin.answer(" ", passages=["p"])), "INVALID_ARGUMENT",
+         "question: empty"),
+        ("answer: nothing to answer from", lambda: list(admin.answer("q?")), "INVALID_ARGUMENT", "collection:"),
+        ("answer: unknown collection", lambda: list(admin.answer("q?", collection="ghost")), "NOT_FOUND", "'ghost'"),
+        ("answer: unscoped key", lambda: list(SieveClient(t, api_key=embed_only, retry=NO_RETRY).answer(
+            "q?", passages=["p"])), "PERMISSION_DENIED", "'answer'"),
     ]
     failures = []
     for name, call, code, words in cases:

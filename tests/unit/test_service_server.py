@@ -256,16 +256,18 @@ def test_reflection_lists_the_services(server):
             "grpc.health.v1.Health"} <= names
 
 
-def test_rerank_and_answer_say_unimplemented(server):
-    from sieve_client import Unimplemented
-
+def test_rerank_and_answer_check_input_before_loading_their_models(server):
+    """(tests/unit/test_service_generation.py runs them on tiny models; here the settings' real ones stay unloaded)"""
     with server.client() as c:
-        with pytest.raises(Unimplemented, match="reranker"):
-            c.rerank("q", ["a", "b"])
-        with pytest.raises(Unimplemented, match="REFRAG"):
-            list(c.answer("why?", passages=["because"]))
         with pytest.raises(InvalidArgument, match="passages: empty"):
             c.rerank("q", [])
+        with pytest.raises(InvalidArgument, match="question: empty"):
+            list(c.answer("  ", passages=["because"]))
+        with pytest.raises(InvalidArgument, match="collection: set a collection"):
+            list(c.answer("why?"))
+        info = c.info()
+    assert (info.reranker.name, info.reranker.loaded) == ("sieve-rank", False)
+    assert (info.answerer.name, info.answerer.loaded) == ("refrag-k16", False)
 
 
 def test_api_keys_and_scopes(tmp_path, embedder):

@@ -31,31 +31,51 @@ class ModelInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dim: _Optional[int] = ..., max_length: _Optional[int] = ..., default_pooling: _Optional[str] = ..., query_instruction: _Optional[str] = ..., document_instruction: _Optional[str] = ..., loaded: _Optional[bool] = ..., int8_calibrated: _Optional[bool] = ...) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_texts_per_request", "max_batch_tokens", "max_queued_texts", "max_message_bytes", "max_k", "max_documents_per_upsert")
+    __slots__ = ("max_texts_per_request", "max_batch_tokens", "max_queued_texts", "max_message_bytes", "max_k", "max_documents_per_upsert", "max_rerank_passages", "max_answer_passages", "max_new_tokens", "max_waiting_generations")
     MAX_TEXTS_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUED_TEXTS_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_K_FIELD_NUMBER: _ClassVar[int]
     MAX_DOCUMENTS_PER_UPSERT_FIELD_NUMBER: _ClassVar[int]
+    MAX_RERANK_PASSAGES_FIELD_NUMBER: _ClassVar[int]
+    MAX_ANSWER_PASSAGES_FIELD_NUMBER: _ClassVar[int]
+    MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_WAITING_GENERATIONS_FIELD_NUMBER: _ClassVar[int]
     max_texts_per_request: int
     max_batch_tokens: int
     max_queued_texts: int
     max_message_bytes: int
     max_k: int
     max_documents_per_upsert: int
-    def __init__(self, max_texts_per_request: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., max_queued_texts: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_k: _Optional[int] = ..., max_documents_per_upsert: _Optional[int] = ...) -> None: ...
+    max_rerank_passages: int
+    max_answer_passages: int
+    max_new_tokens: int
+    max_waiting_generations: int
+    def __init__(self, max_texts_per_request: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., max_queued_texts: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_k: _Optional[int] = ..., max_documents_per_upsert: _Optional[int] = ..., max_rerank_passages: _Optional[int] = ..., max_answer_passages: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., max_waiting_generations: _Optional[int] = ...) -> None: ...
+
+class GenerationModelInfo(_message.Message):
+    __slots__ = ("name", "loaded")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    LOADED_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    loaded: bool
+    def __init__(self, name: _Optional[str] = ..., loaded: _Optional[bool] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("version", "default_model", "models", "limits", "auth_enabled")
+    __slots__ = ("version", "default_model", "models", "limits", "auth_enabled", "reranker", "answerer")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_MODEL_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     AUTH_ENABLED_FIELD_NUMBER: _ClassVar[int]
+    RERANKER_FIELD_NUMBER: _ClassVar[int]
+    ANSWERER_FIELD_NUMBER: _ClassVar[int]
     version: str
     default_model: str
     models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
     limits: Limits
     auth_enabled: bool
-    def __init__(self, version: _Optional[str] = ..., default_model: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., auth_enabled: _Optional[bool] = ...) -> None: ...
+    reranker: GenerationModelInfo
+    answerer: GenerationModelInfo
+    def __init__(self, version: _Optional[str] = ..., default_model: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., auth_enabled: _Optional[bool] = ..., reranker: _Optional[_Union[GenerationModelInfo, _Mapping]] = ..., answerer: _Optional[_Union[GenerationModelInfo, _Mapping]] = ...) -> None: ...

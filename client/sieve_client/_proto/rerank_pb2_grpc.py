@@ -26,7 +26,7 @@ if _version_not_supported:
 
 
 class RerankServiceStub:
-    """Full-list ranking: every passage in one forward pass.
+    """Listwise ranking of a whole candidate list with the backbone LLM.
     """
 
     def __init__(self, channel):
@@ -43,7 +43,7 @@ class RerankServiceStub:
 
 
 class RerankServiceServicer:
-    """Full-list ranking: every passage in one forward pass.
+    """Listwise ranking of a whole candidate list with the backbone LLM.
     """
 
     def Rerank(self, request, context):
@@ -69,7 +69,7 @@ def add_RerankServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class RerankService:
-    """Full-list ranking: every passage in one forward pass.
+    """Listwise ranking of a whole candidate list with the backbone LLM.
     """
 
     @staticmethod

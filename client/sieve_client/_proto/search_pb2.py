@@ -26,7 +26,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from sieve_client._proto import common_pb2 as sieve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15sieve/v1/search.proto\x12\x08sieve.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x15sieve/v1/common.proto\"w\n\rSearchRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\r\n\x05query\x18\x02 \x01(\t\x12\t\n\x01k\x18\x03 \x01(\r\x12(\n\x07\x66ilters\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0e\n\x06rerank\x18\x05 \x01(\x08\"\x85\x01\n\x03Hit\x12\x10\n\x08\x63hunk_id\x18\x01 \x01(\x04\x12\x13\n\x0b\x64ocument_id\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\r\n\x05score\x18\x04 \x01(\x02\x12)\n\x08metadata\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0f\n\x07ordinal\x18\x06 \x01(\r\"S\n\x0eSearchResponse\x12\x1b\n\x04hits\x18\x01 \x03(\x0b\x32\r.sieve.v1.Hit\x12$\n\x08metadata\x18\x02 \x01(\x0b\x32\x12.sieve.v1.Metadata2Q\n\rSearchService\x12@\n\x06Search\x12\x17.sieve.v1.SearchRequest\x1a\x18.sieve.v1.SearchResponse\"\x03\x90\x02\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15sieve/v1/search.proto\x12\x08sieve.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x15sieve/v1/common.proto\"w\n\rSearchRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\r\n\x05query\x18\x02 \x01(\t\x12\t\n\x01k\x18\x03 \x01(\r\x12(\n\x07\x66ilters\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0e\n\x06rerank\x18\x05 \x01(\x08\"\x9b\x01\n\x03Hit\x12\x10\n\x08\x63hunk_id\x18\x01 \x01(\x04\x12\x13\n\x0b\x64ocument_id\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\r\n\x05score\x18\x04 \x01(\x02\x12)\n\x08metadata\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0f\n\x07ordinal\x18\x06 \x01(\r\x12\x14\n\x0cvector_score\x18\x07 \x01(\x02\"e\n\x0eSearchResponse\x12\x1b\n\x04hits\x18\x01 \x03(\x0b\x32\r.sieve.v1.Hit\x12$\n\x08metadata\x18\x02 \x01(\x0b\x32\x12.sieve.v1.Metadata\x12\x10\n\x08reranker\x18\x03 \x01(\t2Q\n\rSearchService\x12@\n\x06Search\x12\x17.sieve.v1.SearchRequest\x1a\x18.sieve.v1.SearchResponse\"\x03\x90\x02\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,9 +38,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SEARCHREQUEST']._serialized_start=88
   _globals['_SEARCHREQUEST']._serialized_end=207
   _globals['_HIT']._serialized_start=210
-  _globals['_HIT']._serialized_end=343
-  _globals['_SEARCHRESPONSE']._serialized_start=345
-  _globals['_SEARCHRESPONSE']._serialized_end=428
-  _globals['_SEARCHSERVICE']._serialized_start=430
-  _globals['_SEARCHSERVICE']._serialized_end=511
+  _globals['_HIT']._serialized_end=365
+  _globals['_SEARCHRESPONSE']._serialized_start=367
+  _globals['_SEARCHRESPONSE']._serialized_end=468
+  _globals['_SEARCHSERVICE']._serialized_start=470
+  _globals['_SEARCHSERVICE']._serialized_end=551
 # @@protoc_insertion_point(module_scope)
