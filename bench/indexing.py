@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import json
 import os
 import shutil
 import signal
@@ -90,13 +89,16 @@ def pipeline(path: Path, embedder_name: str, workers: int, threads: int, n_docs:
             time.sleep(0.2)
         from sieve.store import make_engine
         from sieve.workers import jobs
+        from sieve.workers.app import QUEUE, make_app
+        from sieve.workers.sources import read_documents
 
+        docs = list(read_documents([path]))
+        app = make_app(Settings(home=home))  # the workers' broker (the embedded SQLite one under this home)
         engine = make_engine(f"sqlite:///{home / 'sieve.db'}")
-        t0 = time.perf_counter()
-        out = subprocess.run([*cli, "index", "bench", str(path), "--no-wait"], env=env, check=True,
-                             capture_output=True, text=True)
-        (job_id,) = json.loads(out.stdout)["jobs"]
-        while not (info := jobs.get_job(engine, job_id)).finished:
+        t0 = time.perf_counter()  # from submitting the documents to the job's last batch being done
+        info = jobs.submit_upsert(engine, "bench", docs, batch_documents=25, fanout=8, enqueue=lambda job, n: [
+            app.send_task("sieve.drain_job", (job,), queue=QUEUE) for _ in range(n)])
+        while not (info := jobs.get_job(engine, info.id)).finished:
             time.sleep(0.05)
         seconds = time.perf_counter() - t0
         assert info.done == n_docs, info
@@ -112,14 +114,20 @@ def pipeline(path: Path, embedder_name: str, workers: int, threads: int, n_docs:
         shutil.rmtree(home, ignore_errors=True)
 
 
-def clustered(n: int, dim: int, seed: int = 0) -> np.ndarray:
+def clustered(n: int, dim: int, seed: int = 0, latent: int = 32) -> np.ndarray:
+    """Embedding-like synthetic vectors: 1,024 clusters in a 32-d latent space, mapped linearly into `dim`
+    (one fixed map for every call, so queries and corpus share it), small isotropic noise, L2-normalized.
+    Real embeddings have a low intrinsic dimension; i.i.d. Gaussian vectors would make every neighbour
+    equidistant and no ANN index meaningful."""
+    fixed = np.random.default_rng(12345)
+    centers = fixed.standard_normal((1024, latent)).astype("float32")
+    mapping = fixed.standard_normal((latent, dim)).astype("float32") / np.sqrt(latent)
     rng = np.random.default_rng(seed)
-    centers = rng.standard_normal((1024, dim)).astype("float32")
     out = np.empty((n, dim), dtype="float32")
     for start in range(0, n, 100_000):
         m = min(100_000, n - start)
-        out[start:start + m] = centers[rng.integers(0, 1024, m)] + 0.6 * rng.standard_normal((m, dim),
-                                                                                             dtype="float32")
+        z = centers[rng.integers(0, 1024, m)] + 0.35 * rng.standard_normal((m, latent), dtype="float32")
+        out[start:start + m] = z @ mapping + 0.02 * rng.standard_normal((m, dim), dtype="float32")
     out /= np.linalg.norm(out, axis=1, keepdims=True)
     return out
 
