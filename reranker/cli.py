@@ -11,38 +11,20 @@ Plain typer functions, mounted by sieve/cli.py (this module does not import it, 
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from sieve.cli_common import cli_settings as _settings
+from sieve.cli_common import console, err
+from sieve.cli_common import fail as _fail
 from sieve.remote import ApiKeyOption, RemoteOption, connect, remote_errors
 from sieve.settings import Settings
 
-console = Console()
-err = Console(stderr=True)
-
-
-def _settings() -> Settings:
-    from rich.logging import RichHandler
-
-    settings = Settings()
-    logging.basicConfig(level=settings.log_level, format="%(message)s",
-                        handlers=[RichHandler(console=err, show_path=False)])
-    if settings.threads:
-        import torch
-
-        torch.set_num_threads(settings.threads)
-    return settings
-
-
-def _fail(message: str) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {message}")
-    return typer.Exit(code=1)
+# the consoles, settings + logging setup and the one way to fail that every `sieve` command shares
 
 
 def _load(model: str, settings: Settings, dtype: str | None = None):
