@@ -80,7 +80,7 @@ def prefill(model: Transformer, input_ids: torch.Tensor, attention_mask: torch.T
 def decode_one_token(
     model: Transformer, tokens: torch.Tensor, attention_mask: torch.Tensor | None, pos: int
 ) -> torch.Tensor:
-    """tokens [B] at cache slot `pos` -> next logits [B, V]."""
+    """tokens [B] at cache slot `pos` -> next logits [B, V] (the general forward; `stream` uses decode_step)."""
     out = model(tokens[:, None], attention_mask=attention_mask, input_pos=pos, return_hidden=False)
     return out.logits[:, -1]
 
@@ -100,6 +100,11 @@ def stream(
     generator: torch.Generator | None = None,
     prefill_mode: str = "causal",
 ) -> Iterator[Step]:
+    """Prefill the prompts, then decode with `model.decode_step` (or its compiled form, see `compile_decode`).
+
+    Every decoding step has the same tensor shapes ([B] tokens, [B, L] key mask over a cache of L slots), so
+    the step runs without per-call mask building and a compiled step is reused across steps and calls.
+    """
     device = model.tok_embeddings.weight.device
     input_ids, mask = left_pad(prompts, pad_id)
     input_ids = input_ids.to(device)
@@ -107,16 +112,13 @@ def stream(
     max_new_tokens = min(max_new_tokens, model.args.max_seq_len - t)
     if max_new_tokens <= 0:
         raise ValueError(f"prompt of {t} tokens leaves no room in the model's {model.args.max_seq_len}-token context")
-    model.setup_caches(b, _round_up(t + max_new_tokens, 256, model.args.max_seq_len))
-    full_mask = None
-    if mask is not None:
-        full_mask = torch.ones((b, t + max_new_tokens), dtype=torch.long, device=device)
-        full_mask[:, :t] = mask.to(device)
+    cursor = DecodeCursor.start(model, mask.to(device) if mask is not None else torch.ones_like(input_ids),
+                                t + max_new_tokens)
 
     stop = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long, device=device)
     finished = torch.zeros(b, dtype=torch.bool, device=device)
     generated = torch.empty((b, 0), dtype=torch.long, device=device)
-    logits = prefill(model, input_ids, full_mask[:, :t] if full_mask is not None else None, prefill_mode)
+    logits = prefill(model, input_ids, mask.to(device) if mask is not None else None, prefill_mode)
     for i in range(max_new_tokens):
         if logits_processor is not None:
             logits = logits_processor(generated, logits)
@@ -127,9 +129,62 @@ def stream(
         yield Step(tokens=token, finished=finished.clone(), active=active)
         if bool(finished.all()) or i == max_new_tokens - 1:
             return
-        generated = torch.cat([generated, token[:, None]], dim=1)
-        pos = t + i
-        logits = decode_one_token(model, token, full_mask[:, : pos + 1] if full_mask is not None else None, pos)
+        if logits_processor is not None:
+            generated = torch.cat([generated, token[:, None]], dim=1)
+        logits = cursor.step(token)
+
+
+@dataclass
+class DecodeCursor:
+    """Where decoding stands after a prefill: the next cache slot, each row's next RoPE position, and the cache
+    slots each row attends to. `step(tokens)` runs one `decode_step` (compiled when `compile_decode` made one)
+    and moves on; every step has the same tensor shapes ([B] tokens, [B, L] key mask over the L-slot cache)."""
+
+    step_fn: Callable[..., torch.Tensor]
+    key_mask: torch.Tensor  # [B, L] bool
+    positions: torch.Tensor  # [B] long
+    slot: int
+
+    @classmethod
+    def start(cls, model: Transformer, prompt_mask: torch.Tensor, total: int) -> DecodeCursor:
+        """Set up the cache for `total` tokens (prompt + new, rounded up) and a cursor after a prompt whose real
+        tokens are `prompt_mask` [B, T] (1 = token, 0 = left padding); call before prefilling the prompt."""
+        b, t = prompt_mask.shape
+        length = _round_up(total, 256, model.args.max_seq_len)
+        model.setup_caches(b, length)
+        key_mask = torch.zeros((b, length), dtype=torch.bool, device=prompt_mask.device)
+        key_mask[:, :t] = prompt_mask.bool()
+        return cls(decode_step_fn(model), key_mask, key_mask.sum(-1), t)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B] -> next logits [B, V]."""
+        self.key_mask[:, self.slot] = True
+        slot = torch.tensor([self.slot], device=tokens.device)
+        logits = self.step_fn(tokens, self.positions, slot, self.key_mask)
+        self.positions += 1
+        self.slot += 1
+        return logits
+
+
+def decode_step_fn(model: Transformer) -> Callable[..., torch.Tensor]:
+    """The model's compiled decode step when `compile_decode` made one, else the eager `model.decode_step`."""
+    return getattr(model, "compiled_decode_step", None) or model.decode_step
+
+
+def compile_decode(model: Transformer, *, cpp_wrapper: bool = False) -> Callable[..., torch.Tensor]:
+    """Compile `model.decode_step` with torch.compile (inductor) and attach it; `stream` then uses it.
+
+    The first call at a new (batch, cache length) shape pays the compilation (seconds to a minute on a CPU);
+    later steps replay the generated code. Quantized layers prepare their CPU-kernel layouts first, so no
+    lazy initialisation happens inside the compiled graph.
+    """
+    for module in model.modules():
+        prepare = getattr(module, "prepare_cpu", None)
+        if callable(prepare) and model.tok_embeddings.weight.device.type == "cpu":
+            prepare()
+    options = {"cpp_wrapper": True} if cpp_wrapper else None
+    model.compiled_decode_step = torch.compile(model.decode_step, fullgraph=True, options=options)
+    return model.compiled_decode_step
 
 
 def generate(model: Transformer, prompts: Sequence[Sequence[int]], **kwargs) -> list[list[int]]:

@@ -26,10 +26,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        # torch's fused kernel (one pass, no float32 temporaries) computes in float32 for half inputs too
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
 class KVCache(nn.Module):
@@ -72,6 +70,28 @@ class Attention(nn.Module):
         y = attn_fn(q, k, v, ctx)  # [B, H, T, D]
         return self.wo(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
 
+    def decode(self, x, cos, sin, slot: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+        """One token per row with static shapes: x [B, 1, dim]; K/V go to cache slot `slot` ([1] long) and the
+        query attends to the cache's first L = key_mask.shape[1] slots where key_mask [B, L] is True."""
+        b = x.shape[0]
+        q, k, v = self.wqkv(x).split([self.n_heads * self.head_dim, *[self.n_kv_heads * self.head_dim] * 2], -1)
+        q = apply_rope(q.view(b, 1, self.n_heads, self.head_dim).transpose(1, 2), cos, sin)
+        k = apply_rope(k.view(b, 1, self.n_kv_heads, self.head_dim).transpose(1, 2), cos, sin)
+        v = v.view(b, 1, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        cache = self.kv_cache
+        cache.k[:b, :, slot] = k
+        cache.v[:b, :, slot] = v
+        length = key_mask.shape[1]
+        keys, values = cache.k[:b, :, :length], cache.v[:b, :, :length]  # [B, Hkv, L, D]
+        # written out as broadcast products and sums rather than SDPA or matmuls: the compiler turns them into two
+        # fused loops (SDPA's CPU kernel costs ~50 us a call here); query head h reads kv head h // group (as SDPA's GQA)
+        q = q.reshape(b, self.n_kv_heads, -1, self.head_dim)  # [B, Hkv, group, D]
+        scores = (q[:, :, :, None] * keys[:, :, None]).sum(-1).float() * self.head_dim ** -0.5  # [B, Hkv, g, L]
+        scores = scores.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+        probs = scores.softmax(-1).to(values.dtype)
+        y = (probs[..., None] * values[:, :, None]).sum(-2).reshape(b, 1, self.n_heads * self.head_dim)
+        return self.wo(y)
+
 
 class FeedForward(nn.Module):
     """SwiGLU with gate and up projections fused into one matmul (`w13`)."""
@@ -99,6 +119,10 @@ class TransformerBlock(nn.Module):
         h = x + self.attention(self.attention_norm(x), cos, sin, ctx, attn_fn)
         return h + self.feed_forward(self.ffn_norm(h))
 
+    def decode(self, x, cos, sin, slot, key_mask) -> torch.Tensor:
+        h = x + self.attention.decode(self.attention_norm(x), cos, sin, slot, key_mask)
+        return h + self.feed_forward(self.ffn_norm(h))
+
 
 @dataclass
 class ModelOutput:
@@ -119,6 +143,8 @@ class Transformer(nn.Module):
         )
         self.tie_weights()
         self.cache_shape: tuple[int, int] | None = None
+        self.decode_output: nn.Module | None = None  # a decode-only LM head (see quant.quantize); None: `output`
+        self.exact_topk = 0  # rescore this many best candidates of a low-bit head exactly (see `head`)
 
     def tie_weights(self) -> None:
         if self.args.tie_embeddings:
@@ -206,8 +232,37 @@ class Transformer(nn.Module):
         logits = None
         if return_logits:
             h = x if logits_at is None else x[torch.arange(b, device=x.device), logits_at][:, None]
-            logits = self.output(h).float()
+            logits = self.head(h)
         return ModelOutput(hidden_states=x if return_hidden else None, logits=logits)
+
+    def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, slot: torch.Tensor,
+                    key_mask: torch.Tensor) -> torch.Tensor:
+        """One decoding step whose shapes depend only on (B, L), so it can be compiled once and replayed.
+
+        tokens [B] long, written to KV-cache slot `slot` ([1] long tensor); positions [B] their RoPE positions
+        (rows of a left-padded batch differ); key_mask [B, L] bool, the cache slots each row attends to (its own
+        real tokens up to and including `slot`). -> next-token logits [B, vocab] float32.
+        Same numbers as `forward(tokens[:, None], input_pos=slot, ...)`, without building masks and contexts
+        per call (see generate.stream).
+        """
+        x = self.tok_embeddings(tokens)[:, None]  # [B, 1, dim]
+        cos, sin = rope_cos_sin(positions[:, None], self.inv_freq, x.dtype)  # [B, 1, 1, D]
+        for layer in self.layers:
+            x = layer.decode(x, cos, sin, slot, key_mask)
+        return self.head(self.norm(x), decode=True)[:, 0]
+
+    def head(self, h: torch.Tensor, *, decode: bool = False) -> torch.Tensor:
+        """LM head -> float32 logits (`decode`: the decode-only head when there is one). With a low-bit head
+        (`quantize`), the `exact_topk` best candidates are rescored against the float embedding table, so greedy
+        picks between near-ties are made as fp32 makes them, for the cost of k dot products."""
+        out = self.decode_output if decode and self.decode_output is not None else self.output
+        logits = out(h).float()
+        k = self.exact_topk
+        if k:
+            top = logits.topk(k, dim=-1).indices  # [..., k]
+            exact = (self.tok_embeddings.weight[top] * h[..., None, :]).sum(-1).float()
+            logits = logits.scatter(-1, top, exact)
+        return logits
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())  # shared (tied) tensors count once

@@ -52,6 +52,8 @@ INT4_GROUP = 32  # see the module docstring: lossless requantization of Q4_1 wei
 # CPU: rows per call from which the bf16 copy (when kept) beats torch's packed kernels; measured with
 # bench/quant_cpu.py on the backbone's shapes, 1 thread: packed wins at M <= 16, bf16 at M >= 64.
 CPU_DENSE_MIN_ROWS = 32
+# candidates of a low-bit tied LM head rescored against the float embedding (Transformer.head)
+EXACT_TOPK = 8
 
 
 class _QuantLinear(nn.Module):
@@ -69,6 +71,9 @@ class _QuantLinear(nn.Module):
 
     def dequantized(self) -> torch.Tensor:
         raise NotImplementedError
+
+    def prepare_cpu(self) -> None:
+        """Build the CPU kernel's layout now rather than on the first call (before `torch.compile`)."""
 
     def cpu_path(self, rows: int) -> str:
         if self.dense_prefill and rows >= CPU_DENSE_MIN_ROWS:
@@ -109,6 +114,7 @@ class WeightOnlyInt8Linear(_QuantLinear):
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype), requires_grad=False) \
             if bias else None
         self.dense: torch.Tensor | None = None
+        self._bf16_scales: torch.Tensor | None = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, dense_prefill: bool = True) -> WeightOnlyInt8Linear:
@@ -132,7 +138,16 @@ class WeightOnlyInt8Linear(_QuantLinear):
         if pad_k:
             weight = F.pad(weight, (0, pad_k))
             xb = F.pad(xb, (0, pad_k))
-        return torch._weight_int8pack_mm(xb.contiguous(), weight, self.scales.to(torch.bfloat16)).to(x2.dtype)
+        return torch._weight_int8pack_mm(xb.contiguous(), weight, self.bf16_scales()).to(x2.dtype)
+
+    def bf16_scales(self) -> torch.Tensor:
+        if self._bf16_scales is None:
+            with torch.inference_mode(False), torch.no_grad():
+                self._bf16_scales = self.scales.to(torch.bfloat16)
+        return self._bf16_scales
+
+    def prepare_cpu(self) -> None:
+        self.bf16_scales()
 
     def _triton(self, x: torch.Tensor) -> torch.Tensor:
         return int8_matmul(x, self.weight, self.scales)
@@ -197,6 +212,9 @@ class Int4Linear(_QuantLinear):
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1)
         return packed, sz.to(torch.bfloat16).contiguous()
 
+    def prepare_cpu(self) -> None:
+        self.cpu_pack()
+
     def _packed_cpu(self, x2: torch.Tensor) -> torch.Tensor:
         packed, sz = self.cpu_pack()
         xb = x2.to(torch.bfloat16)  # torch's CPU kernel is vectorized for bf16 inputs only
@@ -208,12 +226,18 @@ class Int4Linear(_QuantLinear):
 
 
 def quantize(model: nn.Module, scheme: str, *, include_output: bool = True, output_scheme: str | None = "int8",
-             group_size: int = INT4_GROUP, dense_prefill: bool = True) -> list[str]:
+             decode_output_scheme: str | None = "auto", group_size: int = INT4_GROUP,
+             dense_prefill: bool = True) -> list[str]:
     """Swap the model's linears for `scheme`'s quantized modules in place; returns the swapped names.
 
     include_output: also quantize the LM head (`output`), untying it from the embedding.
     output_scheme: the head's scheme (default int8: near-lossless, and 3.5x faster than fp32 at decode on CPU);
         None: the same as `scheme`.
+    decode_output_scheme: a second, decode-only LM head (`Transformer.decode_output`, used by `decode_step`):
+        "int4" reads half the bytes per token of the int8 head (decode on CPU is bound by weight reads: the head
+        is a quarter of them); its best candidates are rescored against the float embedding, so greedy choices
+        match the float head's. "auto": int4 under the int4 scheme when the head is tied, else none. Prefill and
+        `forward` (perplexity, first-token logits) keep `output_scheme`'s head.
     group_size: int4 columns per scale/zero (falls back to 64 / 32 where K is not a multiple).
     dense_prefill: on CPU, calls with many rows use a bf16 copy of each weight, made on first use (prefill
         speed for 2 bytes per weight); False keeps only the low-bit weights.
@@ -221,6 +245,13 @@ def quantize(model: nn.Module, scheme: str, *, include_output: bool = True, outp
     for s in (scheme, output_scheme or scheme):
         if s not in SCHEMES:
             raise ValueError(f"unknown quantization scheme {s!r}; known: {', '.join(SCHEMES)}")
+    tied = include_output and bool(getattr(getattr(model, "args", None), "tie_embeddings", False))
+    if decode_output_scheme == "auto":
+        decode_output_scheme = "int4" if scheme == "int4" and tied and (output_scheme or scheme) != "int4" else None
+    if decode_output_scheme is not None and (decode_output_scheme not in SCHEMES or not tied):
+        raise ValueError(f"decode_output_scheme {decode_output_scheme!r}: int8 or int4, for a model whose head is "
+                         "tied to its embedding")
+    float_head = model.output if decode_output_scheme is not None else None
 
     def make(name: str, linear: nn.Linear) -> nn.Module | None:
         this = scheme
@@ -228,6 +259,9 @@ def quantize(model: nn.Module, scheme: str, *, include_output: bool = True, outp
             if not include_output:
                 return None
             this = output_scheme or scheme
+        return make_module(this, linear)
+
+    def make_module(this: str, linear: nn.Linear) -> nn.Module:
         if this == "int8":
             return WeightOnlyInt8Linear.from_linear(linear, dense_prefill=dense_prefill)
         g = int4_group_size(linear.in_features, group_size)
@@ -239,15 +273,24 @@ def quantize(model: nn.Module, scheme: str, *, include_output: bool = True, outp
         # read by `quant_summary`
         model.quant_scheme = scheme
         model.quant_output = (output_scheme or scheme) if "output" in swapped else "float (tied to the embedding)"
+        if "output" in swapped and model.args.tie_embeddings:
+            # the embedding keeps its float table: rescore the low-bit head's best candidates exactly
+            model.exact_topk = EXACT_TOPK
+    if float_head is not None:
+        with torch.no_grad():
+            model.decode_output = make_module(decode_output_scheme, float_head)
+        model.quant_decode_output = decode_output_scheme
     return swapped
 
 
 def quant_summary(model: nn.Module) -> dict:
     """What `sieve info` shows: scheme, how many linears, weight bytes, which matmul path each phase takes."""
-    mods = [m for m in model.modules() if isinstance(m, _QuantLinear)]
+    mods = [m for name, m in model.named_modules() if isinstance(m, _QuantLinear) and name != "decode_output"]
     if not mods:
         return {"scheme": "none"}
-    nbytes = sum(b.numel() * b.element_size() for m in mods for b in m.buffers())
+    extra = [getattr(model, "decode_output", None)] if isinstance(getattr(model, "decode_output", None),
+                                                                 _QuantLinear) else []
+    nbytes = sum(b.numel() * b.element_size() for m in mods + extra for b in m.buffers())
     device = mods[0].weight.device
     if device.type == "cuda":
         paths = {"decode": "triton GEMV (split-K)", "prefill": "triton GEMM"}
@@ -259,4 +302,6 @@ def quant_summary(model: nn.Module) -> dict:
     groups = sorted({m.group_size for m in mods if isinstance(m, Int4Linear)})
     return {"scheme": getattr(model, "quant_scheme", "mixed"), "lm_head": getattr(model, "quant_output", "?"),
             **({"int4_group_size": groups} if groups else {}), "linears": len(mods),
+            "decode_lm_head": getattr(model, "quant_decode_output", None) or "the same head",
+            "lm_head_exact_topk": getattr(model, "exact_topk", 0),
             "quantized_weight_mb": round(nbytes / 2**20, 1), **paths}

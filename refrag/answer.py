@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from sieve.backbone.generate import decode_one_token, sample
+from sieve.backbone.generate import DecodeCursor, sample
 
 from .encoder import MAX_K, EncodedPassage
 from .model import Refrag
@@ -163,7 +163,8 @@ class Answerer:
         stop = set(r.tokenizer.eos_ids)
         embeds = r.embed(layout, expand)
         t = embeds.shape[1]
-        model.setup_caches(1, min(model.args.max_seq_len, -(-(t + max_new_tokens) // 256) * 256))
+        cursor = DecodeCursor.start(model, torch.ones((1, t), dtype=torch.long, device=embeds.device),
+                                    t + max_new_tokens)
         last = torch.tensor([t - 1], device=embeds.device)
         logits = model(inputs_embeds=embeds, input_pos=0, return_hidden=False, logits_at=last).logits[:, -1]
         for i in range(max_new_tokens):
@@ -181,7 +182,7 @@ class Answerer:
             if i == max_new_tokens - 1:
                 out.stats.stopped = "max_new_tokens"
                 return
-            logits = decode_one_token(model, token, None, t + i)
+            logits = cursor.step(token)
 
     def answer(self, question: str, passages: Sequence[str | EncodedPassage], **options) -> str:
         """The whole answer as one string."""

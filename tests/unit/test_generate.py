@@ -106,3 +106,72 @@ def test_left_pad_and_prompt_validation():
         generate(model, [[1] * 256], max_new_tokens=2)
     # a prompt near the limit gets the room that is left, not an error
     assert len(generate(model, [[1] * 250], max_new_tokens=20)[0]) == 6
+
+
+def _plain_greedy(model, prompts, n, pad_id=0):
+    """Greedy decoding through the general forward (masks and contexts built per call): the reference path."""
+    from sieve.backbone.generate import decode_one_token, prefill
+
+    ids, mask = left_pad(prompts, pad_id)
+    b, t = ids.shape
+    model.setup_caches(b, t + n)
+    full = torch.ones((b, t + n), dtype=torch.long) if mask is None else torch.cat(
+        [mask, torch.ones((b, n), dtype=torch.long)], dim=1)
+    with torch.inference_mode():
+        logits = prefill(model, ids, None if mask is None else mask)
+        out = []
+        for i in range(n):
+            token = logits.argmax(-1)
+            out.append(token)
+            logits = decode_one_token(model, token, None if mask is None else full[:, : t + i + 1], t + i)
+    return torch.stack(out, 1).tolist()
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-qwen2"])
+def test_static_decode_step_gives_the_plain_paths_tokens_and_logits(preset):
+    model = tiny_model(preset)
+    prompts = [random_ids(1, n, seed=n)[0].tolist() for n in (5, 13, 1)]
+    assert generate(model, prompts, max_new_tokens=9) == _plain_greedy(model, prompts, 9)
+    # one step, both ways, on a left-padded batch: same logits
+    ids, mask = left_pad(prompts, 0)
+    b, t = ids.shape
+    with torch.inference_mode():
+        model.setup_caches(b, 32)
+        from sieve.backbone.generate import decode_one_token, prefill
+
+        prefill(model, ids, mask)
+        token = torch.tensor([7, 8, 9])
+        full = torch.cat([mask, torch.ones((b, 1), dtype=torch.long)], 1)
+        want = decode_one_token(model, token, full, t)
+        key_mask = torch.zeros((b, 32), dtype=torch.bool)
+        key_mask[:, : t + 1] = full.bool()
+        got = model.decode_step(token, mask.sum(-1), torch.tensor([t]), key_mask)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_quantized_head_rescores_its_best_candidates_exactly():
+    from sieve.backbone.quant import EXACT_TOPK, quantize
+
+    model = tiny_model()
+    emb = model.tok_embeddings.weight.clone()
+    quantize(model, "int8")
+    assert model.exact_topk == EXACT_TOPK
+    h = torch.randn(3, model.args.dim)
+    logits = model.head(h)
+    top = logits.topk(EXACT_TOPK, -1).indices
+    torch.testing.assert_close(logits.gather(-1, top), (h @ emb.T).gather(-1, top), atol=1e-5, rtol=1e-5)
+    rest = torch.ones_like(logits, dtype=torch.bool).scatter(-1, top, False)
+    assert torch.allclose(logits[rest], model.output(h).float()[rest])  # the others stay the int8 head's
+
+
+def test_compiled_decode_gives_the_eager_tokens():
+    from sieve.backbone.generate import compile_decode
+    from sieve.backbone.quant import quantize
+
+    model = tiny_model()
+    quantize(model, "int8")
+    prompts = [random_ids(1, n, seed=n)[0].tolist() for n in (4, 11)]
+    eager = generate(model, prompts, max_new_tokens=8)
+    compile_decode(model)
+    assert generate(model, prompts, max_new_tokens=8) == eager
+    assert generate(model, prompts[:1], max_new_tokens=8) == eager[:1]  # another batch size: recompiles, same tokens

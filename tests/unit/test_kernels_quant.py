@@ -103,7 +103,7 @@ def test_quantized_tiny_model_matches_its_dequantized_twin_and_stays_near_fp32(s
     twin = tiny_model(tie_embeddings=False)  # same weights, each linear replaced by its dequantized float weight
     with torch.no_grad():
         for name, mod in model.named_modules():
-            if hasattr(mod, "dequantized"):
+            if hasattr(mod, "dequantized") and name != "decode_output":
                 twin.get_submodule(name).weight.copy_(mod.dequantized())
     ids = random_ids(2, 48)
     with torch.no_grad():
@@ -116,6 +116,11 @@ def test_quantized_tiny_model_matches_its_dequantized_twin_and_stays_near_fp32(s
             assert agree > (0.9 if scheme == "int8" else 0.5)
     out = generate(model, [ids[0, :10].tolist()], max_new_tokens=6)
     assert len(out[0]) == 6
+    # int4 also gets a decode-only int4 head (half the bytes of the int8 one); forward keeps the int8 head
+    assert (model.decode_output is not None) == (scheme == "int4")
+    if scheme == "int4":
+        assert model.decode_output.weight.dtype == torch.uint8
+        assert quant_summary(model)["decode_lm_head"] == "int4"
     summary = quant_summary(model)
     assert summary["scheme"] == scheme and summary["linears"] == len(swapped) and summary["lm_head"] == "int8"
     int4_head = tiny_model()
