@@ -171,7 +171,7 @@ def decode_step_fn(model: Transformer) -> Callable[..., torch.Tensor]:
     return getattr(model, "compiled_decode_step", None) or model.decode_step
 
 
-def compile_decode(model: Transformer, *, cpp_wrapper: bool = False) -> Callable[..., torch.Tensor]:
+def compile_decode(model: Transformer, *, cpp_wrapper: bool = True) -> Callable[..., torch.Tensor]:
     """Compile `model.decode_step` with torch.compile (inductor) and attach it; `stream` then uses it.
 
     The first call at a new (batch, cache length) shape pays the compilation (seconds to a minute on a CPU);

@@ -182,13 +182,21 @@ class Generators:
                                                     dtype=settings.dtype)
                 return backbones[name]
 
+        def speed(model) -> None:
+            from sieve.backbone.runtime import apply_speed_options
+
+            with lock:  # the two loaders may share one decoder
+                apply_speed_options(model, quant=settings.decode_quant, compile=settings.compile_decode)
+
         def reranker():
             from sieve.reranker import RerankerConfig, load_reranker, resolve_reranker
 
             cfg = RerankerConfig.load(resolve_reranker(settings.reranker))
             shared = None if cfg.lora_r else backbone(cfg.backbone)  # an adapter is merged into its own copy
-            return load_reranker(settings.reranker, home=home, device=settings.device, dtype=settings.dtype,
-                                 backbone=shared)
+            out = load_reranker(settings.reranker, home=home, device=settings.device, dtype=settings.dtype,
+                                backbone=shared)
+            speed(out.backbone.model)
+            return out
 
         def answerer():
             from sieve.refrag import Answerer, RefragConfig, load_refrag, resolve_refrag
@@ -196,6 +204,7 @@ class Generators:
             cfg = RefragConfig.load(resolve_refrag(settings.refrag))
             refrag = load_refrag(settings.refrag, home=home, device=settings.device, dtype=settings.dtype,
                                  backbone=backbone(cfg.backbone))
+            speed(refrag.model)
             return Answerer(refrag, max_passages=settings.max_answer_passages)
 
         return cls(reranker=reranker, answerer=answerer, reranker_name=settings.reranker,

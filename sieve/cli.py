@@ -25,37 +25,38 @@ db_app = typer.Typer(help="The SQL store: migrations.", no_args_is_help=True)
 app.add_typer(train_app, name="train")
 app.add_typer(eval_app, name="eval")
 app.add_typer(db_app, name="db")
-def _apply_runtime_options(bb, quant: str | None, attention: str = "causal") -> None:
-    """--quant swaps the linears for weight-only int8/int4 ones; --attention sparse registers the sparse modes."""
+def _apply_runtime_options(bb, quant: str | None, attention: str = "causal", compile_decode: bool = False) -> None:
+    """--quant swaps the linears for weight-only int8/int4 ones; --attention sparse registers the sparse modes;
+    --compile compiles the decode step."""
+    from sieve.backbone.runtime import apply_speed_options
     from sieve.kernels import register_sparse_attention
 
     register_sparse_attention()
     if attention not in ("causal", "sparse"):
         raise fail(f"--attention {attention!r}: choose causal or sparse")
-    if quant is not None:
-        from sieve.backbone.quant import quantize
-
-        if quant not in ("int8", "int4"):
-            raise fail(f"--quant {quant!r}: choose int8 or int4")
-        with err.status(f"quantizing weights to {quant} ..."):
-            quantize(bb.model, quant)
+    if quant is not None and quant not in ("int8", "int4"):
+        raise fail(f"--quant {quant!r}: choose int8 or int4")
+    with err.status(f"quantizing weights to {quant} ..." if quant else "preparing the decoder ..."):
+        apply_speed_options(bb.model, quant=quant, compile=compile_decode)
 
 
 @app.command()
 def info(
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
     quant: Annotated[str | None, typer.Option(help="show the backbone quantized: int8 or int4")] = None,
+    compile_decode: Annotated[bool, typer.Option("--compile", help="show the decode step compiled")] = False,
 ) -> None:
     """Show the backbone in use: size, device, dtype, cache, and how long loading took."""
     import torch
 
     from sieve.backbone import ATTENTION_MODES
     from sieve.backbone.quant import quant_summary
+    from sieve.backbone.runtime import decode_path
     from sieve.kernels import SparseConfig
 
     settings = cli_settings()
     bb = load_backbone_or_exit(settings)
-    _apply_runtime_options(bb, quant)
+    _apply_runtime_options(bb, quant, compile_decode=compile_decode)
     a = bb.args
     sparse = SparseConfig()
     facts = {
@@ -75,6 +76,7 @@ def info(
         "sparse_attention": f"block {sparse.block_size}, gamma {sparse.gamma}, dense below {sparse.min_length} keys; "
                             f"{'triton' if bb.device.type == 'cuda' else 'torch reference (cpu)'}",
         "quantization": quant_summary(bb.model),
+        "decode": decode_path(bb.model),
         "torch": torch.__version__,
     }
     if bb.cache_rebuilt_reason:
@@ -110,6 +112,9 @@ def generate(
     system: Annotated[str | None, typer.Option(help="system message (chat mode)")] = None,
     quant: Annotated[str | None, typer.Option(help="weight-only quantization: int8 or int4")] = None,
     attention: Annotated[str, typer.Option(help="prompt attention: causal or sparse (block-sparse)")] = "causal",
+    compile_decode: Annotated[bool, typer.Option(
+        "--compile", help="torch.compile the decode step (faster tokens after a one-time compile, ~1 min on a CPU)")
+    ] = False,
 ) -> None:
     """Stream the backbone's answer to PROMPT, token by token."""
     import torch
@@ -120,7 +125,7 @@ def generate(
     if not prompt.strip():
         raise fail("the prompt is empty")
     bb = load_backbone_or_exit(settings)
-    _apply_runtime_options(bb, quant, attention)
+    _apply_runtime_options(bb, quant, attention, compile_decode)
     generator = torch.Generator(device=bb.device).manual_seed(seed) if seed is not None else None
     ids = bb.encode_prompt(prompt, chat=chat, system=system)
     n, t0 = 0, time.perf_counter()

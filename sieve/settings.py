@@ -84,6 +84,12 @@ class Settings(BaseSettings):
     max_answer_passages: int = Field(50, ge=1, le=200, description="passages in one Answer call (sent or retrieved)")
     answer_max_new_tokens: int = Field(256, ge=1, description="max_new_tokens of Answer when the call says 0")
     max_new_tokens: int = Field(2048, ge=1, description="largest max_new_tokens an Answer call may ask for")
+    decode_quant: Literal["none", "int8", "int4"] = Field(
+        "none", description="weight-only quantization of the reranker's and REFRAG model's decoder (int4: the "
+        "fastest CPU decode; see README, Backbone speed)")
+    compile_decode: bool = Field(
+        False, description="torch.compile the decode step of the reranker's and REFRAG model's decoder: faster "
+        "tokens, but the first call at each new batch size / cache length compiles (about a minute on a CPU)")
     max_waiting_generations: int = Field(
         8, ge=0, description="Rerank / Answer calls waiting for a busy decoder (one KV cache: one call at a time) "
         "before more get RESOURCE_EXHAUSTED")

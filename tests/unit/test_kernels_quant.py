@@ -135,3 +135,20 @@ def test_quantize_can_leave_the_tied_head_alone_and_rejects_unknown_schemes():
     with pytest.raises(ValueError, match="unknown quantization scheme"):
         quantize(tiny_model(), "int3")
     assert quant_summary(tiny_model()) == {"scheme": "none"}
+
+
+def test_speed_options_apply_once_and_refuse_a_second_scheme():
+    from sieve.backbone.runtime import apply_speed_options, decode_path
+
+    model = tiny_model()
+    assert decode_path(model) == "eager static decode step, weights float"
+    apply_speed_options(model, quant="none")
+    assert getattr(model, "quant_scheme", None) is None
+    apply_speed_options(model, quant="int4")
+    packed = model.layers[0].attention.wqkv
+    apply_speed_options(model, quant="int4")  # again: nothing changes
+    assert model.layers[0].attention.wqkv is packed and decode_path(model).endswith("weights int4")
+    with pytest.raises(ValueError, match="already quantized to int4"):
+        apply_speed_options(model, quant="int8")
+    with pytest.raises(ValueError, match="choose int8 or int4"):
+        apply_speed_options(tiny_model(), quant="int2")
