@@ -18,9 +18,10 @@ how many rows it has (M = tokens in the call):
     CUDA          Triton GEMV (M <= 16, split-K) or GEMM (prefill) from sieve.kernels
     CPU, M < 32   torch's own packed kernels, `_weight_int8pack_mm` / `_weight_int4pack_mm_for_cpu`, on bf16
                   activations (their fp32 path is a slow scalar loop: 3-40x slower than an fp32 matmul)
-    CPU, M >= 32  a bfloat16 copy of the dequantized weight and a plain bf16 matmul, when `dense_prefill`
-                  (2-3x faster than fp32 and 1.5-2x faster than the packed kernels for prefill; the copy is made
-                  on the first such call and costs 2 bytes per weight)
+    CPU, M >= 32  a copy of the dequantized weight and a plain matmul, when `dense_prefill`: bfloat16 where
+                  the CPU runs bf16 matmuls faster than fp32 (AVX512-BF16: 2-3x faster than fp32 and 1.5-2x
+                  faster than the packed kernels for prefill), else float32 (`cpu_prefill_dtype`, measured
+                  once); the copy is made on the first such call and costs 2 or 4 bytes per weight
 
 Measured on 1 thread with bench/quant_cpu.py (bench/results/quant-cpu.json), e.g. the tied LM head 49152x576:
 M=1 fp32 7.5 ms, int8 2.1 ms, int4 1.3 ms; M=512 fp32 373 ms, bf16 134 ms, int4 260 ms.
@@ -31,6 +32,9 @@ the embedding keeps its float table for lookups and the head gets its own low-bi
 """
 
 from __future__ import annotations
+
+import functools
+import time
 
 import torch
 import torch.nn as nn
@@ -54,6 +58,27 @@ INT4_GROUP = 32  # see the module docstring: lossless requantization of Q4_1 wei
 CPU_DENSE_MIN_ROWS = 32
 # candidates of a low-bit tied LM head rescored against the float embedding (Transformer.head)
 EXACT_TOPK = 8
+
+
+@functools.cache
+def cpu_prefill_dtype() -> torch.dtype:
+    """The dtype of the dequantized prefill copy: bfloat16 where this CPU multiplies it faster than float32
+    (AVX512-BF16 with oneDNN: about 2x), else float32 (measured once per process on a backbone-sized matmul;
+    on some CPUs that report AVX512-BF16, bf16 matmuls run at half the float32 speed)."""
+    x, w = torch.randn(256, 576), torch.randn(1536, 576)
+
+    def best(dtype: torch.dtype) -> float:
+        xd, wd = x.to(dtype), w.to(dtype)
+        F.linear(xd, wd)
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            F.linear(xd, wd)
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    with torch.inference_mode():
+        return torch.bfloat16 if best(torch.bfloat16) < 0.8 * best(torch.float32) else torch.float32
 
 
 class _QuantLinear(nn.Module):
@@ -86,7 +111,8 @@ class _QuantLinear(nn.Module):
         else:
             x2 = x.reshape(-1, self.in_features)
             if self.cpu_path(x2.shape[0]) == "dense":
-                y = F.linear(x2.to(torch.bfloat16), self._dense_weight()).to(x.dtype)
+                w = self._dense_weight()
+                y = F.linear(x2.to(w.dtype), w).to(x.dtype)
             else:
                 y = self._packed_cpu(x2)
             y = y.view(*x.shape[:-1], self.out_features)
@@ -97,7 +123,7 @@ class _QuantLinear(nn.Module):
     def _dense_weight(self) -> torch.Tensor:
         if self.dense is None:
             with torch.inference_mode(False), torch.no_grad():  # a plain tensor, usable in and out of inference mode
-                self.dense = self.dequantized().to(torch.bfloat16)
+                self.dense = self.dequantized().to(cpu_prefill_dtype())
         return self.dense
 
     def extra_repr(self) -> str:
@@ -298,7 +324,8 @@ def quant_summary(model: nn.Module) -> dict:
         op = "_weight_int8pack_mm" if isinstance(mods[0], WeightOnlyInt8Linear) else "_weight_int4pack_mm_for_cpu"
         dense = mods[0].dense_prefill
         paths = {"decode": f"torch {op} (bf16 activations)",
-                 "prefill": f"bf16 dequantized copy (rows >= {CPU_DENSE_MIN_ROWS})" if dense else f"torch {op}"}
+                 "prefill": f"{str(cpu_prefill_dtype()).removeprefix('torch.')} dequantized copy (rows >= "
+                            f"{CPU_DENSE_MIN_ROWS})" if dense else f"torch {op}"}
     groups = sorted({m.group_size for m in mods if isinstance(m, Int4Linear)})
     return {"scheme": getattr(model, "quant_scheme", "mixed"), "lm_head": getattr(model, "quant_output", "?"),
             **({"int4_group_size": groups} if groups else {}), "linears": len(mods),
