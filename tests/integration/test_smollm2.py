@@ -58,7 +58,8 @@ def test_bidirectional_padding_batched_equals_alone(smollm2):
         h = smollm2.model(batch, attention_mask=mask, mode="bidirectional", return_logits=False).hidden_states
         for i, x in enumerate(ids):
             alone = smollm2.model(torch.tensor([x]), mode="bidirectional", return_logits=False).hidden_states
-            assert_close(h[i, : len(x)], alone[0], atol=1e-4, rtol=1e-4)  # masked vs unmasked SDPA: fp32 noise
+            # masked vs unmasked SDPA: fp32 noise (2e-4 seen on 1 of 1728 values after 30 layers)
+            assert_close(h[i, : len(x)], alone[0], atol=5e-4, rtol=1e-3)
 
 
 def test_second_start_loads_from_cache(smollm2, smollm2_path, sieve_home):
