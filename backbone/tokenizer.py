@@ -15,6 +15,7 @@ from pathlib import Path
 import tokenizers
 
 META_FILE = "tokenizer_meta.json"
+MAX_HELD = 4  # tokens held back for an unfinished UTF-8 character (a character is at most 4 bytes)
 
 
 @dataclass
@@ -80,16 +81,25 @@ class Tokenizer:
         return "" if i is None else (self.tok.id_to_token(i) or "")
 
     def stream_decode(self, ids: Iterable[int]) -> Iterator[str]:
-        """Yield text pieces as ids arrive, holding back bytes of an unfinished UTF-8 character."""
+        """Yield text pieces as ids arrive, holding back bytes of an unfinished UTF-8 character.
+
+        Held-back tokens are released when the character completes, when more than `MAX_HELD` are pending (no UTF-8
+        character takes more bytes: the bytes are invalid, so they come out as U+FFFD instead of waiting forever),
+        and at the end of the stream, so the pieces always join to `decode(ids)`.
+        """
         seen: list[int] = []
         prefix, read = 0, 0
         for i in ids:
             seen.append(i)
             before = self.decode(seen[prefix:read])
             now = self.decode(seen[prefix:])
-            if len(now) > len(before) and not now.endswith("\ufffd"):
+            if len(now) > len(before) and (not now.endswith("\ufffd") or len(seen) - read > MAX_HELD):
                 yield now[len(before):]
                 prefix, read = read, len(seen)
+        if read < len(seen):
+            before, now = self.decode(seen[prefix:read]), self.decode(seen[prefix:])
+            if len(now) > len(before):
+                yield now[len(before):]
 
     # ------------------------------------------------------------------------------------------- persistence
 

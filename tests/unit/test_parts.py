@@ -79,6 +79,16 @@ def test_stream_decode_equals_decode_even_through_multibyte_characters(gguf_toke
     assert len(pieces) > 5  # really incremental
 
 
+def test_stream_decode_releases_invalid_and_unfinished_bytes(gguf_tokenizer):
+    tok = gguf_tokenizer
+    lone = next(i for i in range(512) if tok.decode([i]) == "\ufffd")  # a byte that starts no valid character
+    pieces = list(tok.stream_decode([lone] * 12))
+    assert "".join(pieces) == tok.decode([lone] * 12)
+    assert len(pieces) >= 2  # released while streaming, not only at the end
+    cut = tok.encode("ok ✓")[:-1]  # the stream ends inside a multi-byte character
+    assert "".join(tok.stream_decode(cut)) == tok.decode(cut)
+
+
 def test_chat_template_and_special_tokens(gguf_tokenizer):
     tok = gguf_tokenizer
     ids = tok.encode(tok.apply_chat_template([{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]))
