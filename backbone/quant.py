@@ -314,8 +314,8 @@ def quant_summary(model: nn.Module) -> dict:
     mods = [m for name, m in model.named_modules() if isinstance(m, _QuantLinear) and name != "decode_output"]
     if not mods:
         return {"scheme": "none"}
-    extra = [getattr(model, "decode_output", None)] if isinstance(getattr(model, "decode_output", None),
-                                                                 _QuantLinear) else []
+    decode_head = getattr(model, "decode_output", None)
+    extra = [decode_head] if isinstance(decode_head, _QuantLinear) else []
     nbytes = sum(b.numel() * b.element_size() for m in mods + extra for b in m.buffers())
     device = mods[0].weight.device
     if device.type == "cuda":

@@ -6,13 +6,18 @@ Settings.compile_decode), so both run the same paths. Applying it again to the s
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from .generate import compile_decode
 from .model import Transformer
 from .quant import SCHEMES, quantize
 
 
-def apply_speed_options(model: Transformer, *, quant: str | None = None, compile: bool = False) -> Transformer:
-    """quant: "int8" | "int4" | None / "none"; compile: attach a torch.compile'd decode step (`compile_decode`)."""
+def apply_speed_options(model: Transformer, *, quant: str | None = None, compile: bool = False,
+                        cache_dir: Path | None = None, on_compile=None) -> Transformer:
+    """quant: "int8" | "int4" | None / "none"; compile: attach a compiled decode step (`compile_decode`: on CPU
+    AOTInductor libraries kept in `cache_dir`, e.g. SIEVE_HOME/cache/aot; on_compile(message) is told before a
+    library is compiled)."""
     if quant not in (None, "none"):
         if quant not in SCHEMES:
             raise ValueError(f"quantization {quant!r}: choose int8 or int4")
@@ -22,12 +27,15 @@ def apply_speed_options(model: Transformer, *, quant: str | None = None, compile
         elif done != quant:
             raise ValueError(f"the decoder is already quantized to {done}; cannot requantize it to {quant}")
     if compile and getattr(model, "compiled_decode_step", None) is None:
-        compile_decode(model)
+        compile_decode(model, cache_dir=cache_dir, on_compile=on_compile)
     return model
 
 
 def decode_path(model: Transformer) -> str:
     """What `sieve info` shows for decoding."""
-    compiled = getattr(model, "compiled_decode_step", None) is not None
-    return ("torch.compile'd static decode step (inductor, C++ wrapper)" if compiled
-            else "eager static decode step") + f", weights {getattr(model, 'quant_scheme', None) or 'float'}"
+    backend = getattr(model, "decode_backend", None) if getattr(model, "compiled_decode_step", None) else None
+    how = {"aot": "AOTInductor-compiled static decode step (one library per batch and cache length, cached on "
+                  "disk)",
+           "inductor": "torch.compile'd static decode step (inductor, C++ wrapper)"}.get(backend,
+                                                                                       "eager static decode step")
+    return how + f", weights {getattr(model, 'quant_scheme', None) or 'float'}"

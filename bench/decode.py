@@ -3,9 +3,11 @@
 All on SmolLM2-135M-Instruct from the packaged Q4_1 GGUF, in one run, with the systems' repetitions interleaved:
 
     sieve-fp32        Sieve's decoder, fp32 weights (the GGUF dequantized), eager
-    sieve-int8        weight-only int8 (`quantize(model, "int8")`), torch.compile'd decode step (`compile_decode`)
+    sieve-int8        weight-only int8 (`quantize(model, "int8")`), decode step compiled by `compile_decode`'s
+                      default (AOTInductor on CPU, backbone/aot.py)
     sieve-int4        int4 g32 body + int8 prefill head + int4 decode head (`quantize(model, "int4")`), compiled
-    sieve-int4-eager  the same int4 model without torch.compile (decode rows only: prefill and quality are sieve-int4's)
+    sieve-int4-inductor  the same int4 model, decode step compiled with torch.compile instead (decode rows only)
+    sieve-int4-eager  the same int4 model, not compiled (decode rows only: prefill and quality are sieve-int4's)
     hf-transformers   HF LlamaForCausalLM, fp32 weights (the same GGUF dequantized), eager
     llama.cpp         llama-cpp-python on the GGUF as is, in its own venv (.peers/llama) through bench/llama_worker.py,
                       a subprocess that takes one job at a time, so it never runs at the same time as the others
@@ -19,7 +21,8 @@ for every system: Sieve's tokenizer, fed to llama.cpp as ids), and greedy agreem
 on `--agreement-prompts` chat prompts (the first WikiText test lines of >= 20 words).
 
 Prints a table, writes bench/results/NAME.json and NAME.png. The machine should be otherwise idle (about 15-20
-minutes on 2 threads, the torch.compile warm-ups included):
+minutes on 2 threads, the compile warm-ups included; AOTInductor libraries are compiled into a temporary folder,
+so every run pays their compilation during its warm-ups):
 
     python bench/decode.py --threads 2                                 # bench/results/decode.json
     python bench/decode.py --quick --threads 1 --name decode-smoke     # smoke run, a few minutes
@@ -28,7 +31,6 @@ minutes on 2 threads, the torch.compile warm-ups included):
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import math
 import os
@@ -55,7 +57,8 @@ ROOT = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).resolve().parent / "llama_worker.py"
 LLAMA_PYTHON = ROOT / ".peers" / "llama" / "bin" / "python"
 HF, LLAMA = "hf-transformers", "llama.cpp"
-SIEVE_SYSTEMS = ("sieve-fp32", "sieve-int8", "sieve-int4", "sieve-int4-eager")
+SIEVE_SYSTEMS = ("sieve-fp32", "sieve-int8", "sieve-int4", "sieve-int4-inductor", "sieve-int4-eager")
+DECODE_ONLY = ("sieve-int4-inductor", "sieve-int4-eager")  # prefill and quality rows are sieve-int4's
 DECODE_PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 
 # one decoding run: -> (seconds counted, generated tokens of row 0 or None)
@@ -167,19 +170,18 @@ class Bench:
         """The Transformer of a Sieve system, loaded (and quantized, compiled) on first use."""
         if system not in self._sieve:
             bb = load_backbone(self.path, home=self.home, device="cpu", dtype="float32")
-            scheme = {"sieve-int8": "int8", "sieve-int4": "int4", "sieve-int4-eager": "int4"}.get(system)
+            scheme = {"sieve-int8": "int8", "sieve-int4": "int4", "sieve-int4-inductor": "int4",
+                      "sieve-int4-eager": "int4"}.get(system)
             if scheme:
                 quantize(bb.model, scheme)
-            compiled = system in ("sieve-int8", "sieve-int4")
-            if compiled:
-                compile_decode(bb.model)
+            backend = {"sieve-int8": "aot", "sieve-int4": "aot", "sieve-int4-inductor": "inductor"}.get(system)
+            if backend:
+                compile_decode(bb.model, backend=backend)
             q = quant_summary(bb.model)
             weights = "fp32 (the GGUF dequantized)" if not scheme else (
                 f"{q['scheme']} body, {q['lm_head']} head, decode head {q['decode_lm_head']}")
-            how = "eager"
-            if compiled:
-                wrapper = inspect.signature(compile_decode).parameters["cpp_wrapper"].default
-                how = f"torch.compile decode step (compile_decode defaults: cpp_wrapper={wrapper})"
+            how = {"aot": "decode step compiled by AOTInductor (backbone/aot.py)",
+                   "inductor": "decode step torch.compile'd (inductor, C++ wrapper)"}.get(backend, "eager")
             self.systems[system] = f"Sieve, {weights}, {how}"
             if system == "sieve-fp32":
                 self.bb = bb
@@ -276,7 +278,7 @@ class Bench:
         n = a.decode_tokens
         for t in map(int, a.prefill_lengths.split(",")):
             ids = torch.tensor([self.wiki[:t]])
-            runs: dict[str, Run] = {s: self._sieve_prefill(s, ids) for s in SIEVE_SYSTEMS if s != "sieve-int4-eager"}
+            runs: dict[str, Run] = {s: self._sieve_prefill(s, ids) for s in SIEVE_SYSTEMS if s not in DECODE_ONLY}
             runs[HF] = self._hf_prefill(ids)
             if self.llama is not None:
                 runs[LLAMA] = lambda ids=ids: (self.llama("prefill", ids=ids[0].tolist())["seconds"], None)
@@ -459,15 +461,17 @@ class Bench:
             "ratios": "vs_llama_cpp / vs_hf_transformers = value / that system's value for the same metric and "
             "setting (speed: > 1 is faster; perplexity: < 1 is lower)",
             "repetitions": f"{a.repeat} interleaved repetitions after one warm-up run per system; medians",
-            "sieve-int4-eager": "prefill and quality rows are sieve-int4's (the same weights and eager prefill path)",
+            "sieve-int4-eager, sieve-int4-inductor": "prefill and quality rows are sieve-int4's (the same weights "
+            "and eager prefill path)",
             "perplexity": "the same Sieve-tokenized ids for every system, no BOS added, non-overlapping windows from "
             "the start of test.txt, every position after a window's first token scored (llama.cpp: logits_all, NLL "
             "computed by the worker from llm.scores)",
             "greedy agreement": "prompts: the first WikiText-2 test lines of >= 20 words, cut to 60 words, as one "
             "chat user turn; each prompt alone (batch 1), no stop tokens; compared token by token with sieve-fp32 "
             "(eager); sieve-int8/int4 decode with their compiled step",
-            "torch.compile": "torch._dynamo.config.automatic_dynamic_shapes = False: each (model, batch, cache "
-            "length) gets its own static graph, compiled during the warm-up",
+            "compiled decode": "sieve-int8/int4: AOTInductor, one library per (model, batch, cache length), "
+            "compiled during the warm-up into a temporary folder; sieve-int4-inductor: torch.compile with "
+            "torch._dynamo.config.automatic_dynamic_shapes = False (each shape its own static graph)",
         })
         out = write_results(a.name, self.rows, device)
         payload = json.loads(out.read_text())

@@ -186,7 +186,8 @@ class Generators:
             from sieve.backbone.runtime import apply_speed_options
 
             with lock:  # the two loaders may share one decoder
-                apply_speed_options(model, quant=settings.decode_quant, compile=settings.compile_decode)
+                apply_speed_options(model, quant=settings.decode_quant, compile=settings.compile_decode,
+                                    cache_dir=home / "aot", on_compile=log.info)
 
         def reranker():
             from sieve.reranker import RerankerConfig, load_reranker, resolve_reranker

@@ -88,8 +88,9 @@ class Settings(BaseSettings):
         "none", description="weight-only quantization of the reranker's and REFRAG model's decoder (int4: the "
         "fastest CPU decode; see README, Backbone speed)")
     compile_decode: bool = Field(
-        False, description="torch.compile the decode step of the reranker's and REFRAG model's decoder: faster "
-        "tokens, but the first call at each new batch size / cache length compiles (about a minute on a CPU)")
+        False, description="compile the decode step of the reranker's and REFRAG model's decoder (AOTInductor on "
+        "CPU): faster tokens; the first call at each new batch size / cache length compiles (about 35 s on 2 CPU "
+        "cores), and the library is kept in SIEVE_HOME/cache/aot for later starts")
     max_waiting_generations: int = Field(
         8, ge=0, description="Rerank / Answer calls waiting for a busy decoder (one KV cache: one call at a time) "
         "before more get RESOURCE_EXHAUSTED")

@@ -164,7 +164,8 @@ def test_quantized_head_rescores_its_best_candidates_exactly():
     assert torch.allclose(logits[rest], model.output(h).float()[rest])  # the others stay the int8 head's
 
 
-def test_compiled_decode_gives_the_eager_tokens():
+@pytest.mark.parametrize("backend", ["aot", "inductor"])
+def test_compiled_decode_gives_the_eager_tokens(backend, tmp_path):
     from sieve.backbone.generate import compile_decode
     from sieve.backbone.quant import quantize
 
@@ -172,6 +173,34 @@ def test_compiled_decode_gives_the_eager_tokens():
     quantize(model, "int8")
     prompts = [random_ids(1, n, seed=n)[0].tolist() for n in (4, 11)]
     eager = generate(model, prompts, max_new_tokens=8)
-    compile_decode(model)
+    compile_decode(model, backend=backend, cache_dir=tmp_path)
+    assert model.decode_backend == backend
     assert generate(model, prompts, max_new_tokens=8) == eager
     assert generate(model, prompts[:1], max_new_tokens=8) == eager[:1]  # another batch size: recompiles, same tokens
+
+
+def test_aot_decode_packages_are_reused_and_keyed_by_the_weights(tmp_path):
+    from sieve.backbone.aot import AotDecodeStep
+    from sieve.backbone.generate import compile_decode
+
+    model = tiny_model()
+    prompt = [random_ids(1, 6)[0].tolist()]
+    eager = generate(model, prompt, max_new_tokens=5)
+    step = compile_decode(model, backend="aot", cache_dir=tmp_path)
+    assert generate(model, prompt, max_new_tokens=5) == eager
+    assert len(step.compiled) == 1 and step.compiled[0].exists()
+    # a new process (a new step object) on the same weights loads the package instead of compiling
+    again = tiny_model()
+    step2 = compile_decode(again, backend="aot", cache_dir=tmp_path)
+    assert generate(again, prompt, max_new_tokens=5) == eager
+    assert step2.compiled == [] and step2.package_path(1, 256) == step.compiled[0]
+    # other weights: another package (the weights are compiled into the library)
+    other = tiny_model()
+    with torch.no_grad():
+        other.layers[0].feed_forward.w2.weight.mul_(-1)
+    assert AotDecodeStep(other, tmp_path).package_path(1, 256) != step.package_path(1, 256)
+    # the step runs on a cache of exactly its shape; anything else is refused with the fix named
+    model.clear_caches()
+    model.setup_caches(2, 128)
+    with pytest.raises(ValueError, match="exact=True"):
+        step(torch.tensor([5]), torch.tensor([0]), torch.tensor([0]), torch.ones((1, 256), dtype=torch.bool))
