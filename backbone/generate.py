@@ -7,6 +7,10 @@ rows stopped or `max_new_tokens` is reached.
 
 A logits processor `fn(generated [B, t] long, logits [B, V] float32) -> logits` runs before sampling each
 step (`generated` holds the tokens emitted so far, t may be 0); the reranker constrains decoding with it.
+A processor that also has `forced_tokens(generated [1, t]) -> list[int]` (the tokens that are now the only
+possible continuation, which it takes as emitted) gets jump-forward decoding for a single prompt: those tokens are
+yielded without sampling and run through the model in one forward with the token before them, so a constrained
+format costs one forward per real choice instead of one per token.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ class Step:
     tokens: torch.Tensor  # [B] long: the token each row emitted this step (rows already finished repeat pad)
     finished: torch.Tensor  # [B] bool: row has stopped (this step's token was a stop token, or earlier)
     active: torch.Tensor  # [B] bool: row emitted a real token this step (it had not stopped before)
+    forced: bool = False  # a jump-forward token: not sampled, and run through the model with the tokens around it
 
 
 def sample(
@@ -120,8 +125,10 @@ def stream(
     stop = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long, device=device)
     finished = torch.zeros(b, dtype=torch.bool, device=device)
     generated = torch.empty((b, 0), dtype=torch.long, device=device)
+    forced_tokens = getattr(logits_processor, "forced_tokens", None) if b == 1 else None
     logits = prefill(model, input_ids, mask.to(device) if mask is not None else None, prefill_mode)
-    for i in range(max_new_tokens):
+    emitted = 0
+    while True:
         if logits_processor is not None:
             logits = logits_processor(generated, logits)
         token = sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
@@ -129,11 +136,22 @@ def stream(
         token = torch.where(active, token, torch.full_like(token, pad_id))
         finished = finished | torch.isin(token, stop)
         yield Step(tokens=token, finished=finished.clone(), active=active)
-        if bool(finished.all()) or i == max_new_tokens - 1:
+        emitted += 1
+        if bool(finished.all()) or emitted == max_new_tokens:
             return
         if logits_processor is not None:
             generated = torch.cat([generated, token[:, None]], dim=1)
-        logits = cursor.step(token)
+        chunk = [token]
+        for forced in forced_tokens(generated) if forced_tokens is not None else ():
+            token = torch.tensor([forced], dtype=torch.long, device=device)
+            finished = torch.isin(token, stop)
+            yield Step(tokens=token, finished=finished.clone(), active=torch.ones_like(finished), forced=True)
+            emitted += 1
+            if bool(finished.all()) or emitted == max_new_tokens:
+                return
+            generated = torch.cat([generated, token[:, None]], dim=1)
+            chunk.append(token)
+        logits = cursor.step(token) if len(chunk) == 1 else cursor.extend(torch.stack(chunk, dim=1))
 
 
 @dataclass
@@ -142,6 +160,7 @@ class DecodeCursor:
     slots each row attends to. `step(tokens)` runs one `decode_step` (compiled when `compile_decode` made one)
     and moves on; every step has the same tensor shapes ([B] tokens, [B, L] key mask over the L-slot cache)."""
 
+    model: Transformer
     step_fn: Callable[..., torch.Tensor]
     key_mask: torch.Tensor  # [B, L] bool
     positions: torch.Tensor  # [B] long
@@ -157,7 +176,7 @@ class DecodeCursor:
         model.setup_caches(b, length, exact=getattr(step_fn, "exact_cache", False))
         key_mask = torch.zeros((b, length), dtype=torch.bool, device=prompt_mask.device)
         key_mask[:, :t] = prompt_mask.bool()
-        return cls(step_fn, key_mask, key_mask.sum(-1), t)
+        return cls(model, step_fn, key_mask, key_mask.sum(-1), t)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [B] -> next logits [B, V]."""
@@ -167,6 +186,22 @@ class DecodeCursor:
         self.positions += 1
         self.slot += 1
         return logits
+
+    def extend(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B, m] (every row real) through one eager forward at the next m slots -> the last position's
+        next logits [B, V]: what m calls of `step` give, for about the cost of one while decoding is bound by
+        weight reads."""
+        b, m = tokens.shape
+        end = self.slot + m
+        if end > self.key_mask.shape[1]:
+            raise ValueError(f"{m} tokens at slot {self.slot} overflow the {self.key_mask.shape[1]}-slot cache")
+        self.key_mask[:, self.slot:end] = True
+        positions = self.positions[:, None] + torch.arange(m, device=tokens.device)
+        out = self.model(tokens, attention_mask=self.key_mask[:, :end], position_ids=positions, input_pos=self.slot,
+                         return_hidden=False, logits_at=torch.full((b,), m - 1, device=tokens.device))
+        self.positions += m
+        self.slot = end
+        return out.logits[:, -1]
 
 
 def decode_step_fn(model: Transformer) -> Callable[..., torch.Tensor]:

@@ -4,15 +4,18 @@ same model on the same candidates, in one run, for 20, 50 and 100 passages.
 Candidates: the shipped BM25 top-100 of the first --queries TREC DL19 queries (real passages). Every mode gets the
 same per-passage cap (the one the full prompt needs for that many passages), so the strategies see the same text.
 Timing is interleaved (full, sliding, first, full, ...) per size; tokens processed = prefill tokens (all windows
-for sliding, the id trie for first) + decoded tokens. Writes bench/results/reranker-speed.json (+ .png).
+for sliding, the id trie for first) + decoded tokens. Constrained decoding runs jump-forward (forced tokens ride
+along with a sampled one); `--stepwise` adds `full-stepwise` and `sliding-stepwise` rows, one forward per token, to
+measure what jump-forward saves. Writes bench/results/reranker-speed.json (+ .png).
 
     python bench/reranker.py [--sizes 20,50,100] [--queries 1] [--repeat 1] [--threads 2] [--device cpu]
-                             [--window 20 --stride 10]
+                             [--window 20 --stride 10] [--stepwise]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import time
@@ -28,20 +31,21 @@ from sieve.reranker import load_reranker  # noqa: E402
 from sieve.settings import Settings  # noqa: E402
 
 MODES = ("full", "sliding", "first")
+STEPWISE = "-stepwise"  # suffix of the rows decoded one forward per token
 
 
-def measure(reranker, query: str, texts: list[str], repeat: int, sync) -> dict[str, dict]:
-    """Median seconds and the stats of each mode, repetitions interleaved across modes."""
-    times: dict[str, list[float]] = {m: [] for m in MODES}
+def measure(rerankers: dict, query: str, texts: list[str], repeat: int, sync) -> dict[str, dict]:
+    """Median seconds and the stats of each row (label -> (reranker, mode)), repetitions interleaved."""
+    times: dict[str, list[float]] = {label: [] for label in rerankers}
     stats = {}
     for _ in range(repeat):
-        for mode in MODES:
+        for label, (reranker, mode) in rerankers.items():
             t0 = time.perf_counter()
             res = reranker.rank(query, texts, mode=mode)
             sync()
-            times[mode].append(time.perf_counter() - t0)
-            stats[mode] = res.stats
-    return {m: {"seconds": statistics.median(times[m]), "stats": stats[m]} for m in MODES}
+            times[label].append(time.perf_counter() - t0)
+            stats[label] = res.stats
+    return {label: {"seconds": statistics.median(times[label]), "stats": stats[label]} for label in rerankers}
 
 
 def main() -> None:
@@ -57,36 +61,43 @@ def main() -> None:
     ap.add_argument("--name", default="reranker-speed")
     ap.add_argument("--window", type=int, default=20, help="sliding window (the baseline is 20, stride 10)")
     ap.add_argument("--stride", type=int, default=10)
+    ap.add_argument("--stepwise", action="store_true", help="also full and sliding without jump-forward decoding")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     settings = Settings()
     reranker = load_reranker(args.model, home=settings.home / "cache", device=args.device, dtype=args.dtype)
     reranker.window, reranker.stride = args.window, args.stride
+    rows_to_run = {mode: (reranker, mode) for mode in MODES}
+    if args.stepwise:
+        stepwise = copy.copy(reranker)
+        stepwise.jump_forward = False
+        rows_to_run |= {f"{mode}{STEPWISE}": (stepwise, mode) for mode in ("full", "sliding")}
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     ds = load_retrieval_set(settings.data_path(), "trec-dl-2019")
     qids = sorted(ds.candidates)[: args.queries]
     sizes = [int(s) for s in args.sizes.split(",")]
     for _ in range(args.warmup):
         q = qids[0]
-        for mode in MODES:
-            reranker.rank(ds.queries[q], [ds.corpus[d] for d in ds.candidates[q][: min(sizes)]], mode=mode)
+        for r, mode in rows_to_run.values():
+            r.rank(ds.queries[q], [ds.corpus[d] for d in ds.candidates[q][: min(sizes)]], mode=mode)
 
     rows = []
     for n in sizes:
-        per_query = [measure(reranker, ds.queries[q], [ds.corpus[d] for d in ds.candidates[q][:n]], args.repeat, sync)
+        per_query = [measure(rows_to_run, ds.queries[q], [ds.corpus[d] for d in ds.candidates[q][:n]], args.repeat, sync)
                      for q in qids]
         sliding_s = statistics.mean(r["sliding"]["seconds"] for r in per_query)
-        for mode in MODES:
+        for mode in rows_to_run:
             seconds = statistics.mean(r[mode]["seconds"] for r in per_query)
             st = [r[mode]["stats"] for r in per_query]
             rows.append({
                 "system": reranker.name, "mode": mode, "passages": n, "queries": len(qids),
-                "window": f"{args.window}/{args.stride}" if mode == "sliding" else "",
+                "window": f"{args.window}/{args.stride}" if mode.startswith("sliding") else "",
                 "device": device_name(args.device), "dtype": str(reranker.backbone.dtype).removeprefix("torch."),
                 "seconds": round(seconds, 3),
                 "tokens_processed": round(statistics.mean(s.tokens_processed for s in st), 1),
                 "prompt_tokens": round(statistics.mean(s.prompt_tokens for s in st), 1),
                 "generated_tokens": round(statistics.mean(s.generated_tokens for s in st), 1),
+                "decode_forwards": round(statistics.mean(s.decode_forwards for s in st), 1),
                 "forward_passes": round(statistics.mean(s.forward_passes for s in st), 1),
                 "passage_cap": min(s.passage_cap for s in st),
                 "speedup_vs_sliding": round(sliding_s / seconds, 2) if seconds else None,
@@ -98,11 +109,12 @@ def main() -> None:
     from rich.table import Table
 
     table = Table(title=f"reranking cost, {device}")
-    for col in ("passages", "mode", "seconds", "tokens", "decoded", "passes", "vs sliding"):
+    for col in ("passages", "mode", "seconds", "tokens", "decoded", "decode forwards", "passes", "vs sliding"):
         table.add_column(col)
     for r in rows:
         table.add_row(str(r["passages"]), r["mode"], str(r["seconds"]), str(r["tokens_processed"]),
-                      str(r["generated_tokens"]), str(r["forward_passes"]), str(r["speedup_vs_sliding"]))
+                      str(r["generated_tokens"]), str(r["decode_forwards"]), str(r["forward_passes"]),
+                      str(r["speedup_vs_sliding"]))
     Console().print(table)
     out = write_results(args.name, rows, device)
     plot(rows, RESULTS / f"{args.name}.png", device)
@@ -117,10 +129,14 @@ def plot(rows: list[dict], path: Path, device: str) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
     sizes = sorted({r["passages"] for r in rows})
-    for i, mode in enumerate(MODES):
+    modes = list(dict.fromkeys(r["mode"] for r in rows))
+    for i, mode in enumerate(modes):
         mine = [next(r for r in rows if r["passages"] == n and r["mode"] == mode) for n in sizes]
-        axes[0].plot(sizes, [r["seconds"] for r in mine], marker="o", color=f"C{i}", label=mode)
-        axes[1].plot(sizes, [r["tokens_processed"] for r in mine], marker="o", color=f"C{i}", label=mode)
+        style = dict(marker="o", color=f"C{MODES.index(mode.removesuffix(STEPWISE))}", label=mode,
+                     linestyle="--" if mode.endswith(STEPWISE) else "-")
+        axes[0].plot(sizes, [r["seconds"] for r in mine], **style)
+        if not mode.endswith(STEPWISE):
+            axes[1].plot(sizes, [r["tokens_processed"] for r in mine], **style)
     axes[0].set_ylabel("seconds per query")
     axes[1].set_ylabel("tokens processed per query")
     for ax in axes:

@@ -30,7 +30,8 @@ MODES = ("full", "first", "sliding")
 @dataclass
 class RankStats:
     prompt_tokens: int = 0  # tokens run through prefill (all windows for sliding; incl. the id trie for first)
-    generated_tokens: int = 0  # decode steps (end tokens included)
+    generated_tokens: int = 0  # tokens of the answers (end tokens included)
+    decode_forwards: int = 0  # forwards after the prefill: forced tokens ride along with the token before them
     forward_passes: int = 0  # prefills: 1 for full and first, one per window for sliding
     passage_cap: int = 0  # tokens each passage was allowed
     truncated: int = 0  # passages cut to the cap (counted once per passage)
@@ -67,8 +68,9 @@ def sliding_windows(n: int, window: int = 20, stride: int = 10) -> list[tuple[in
 class Reranker:
     def __init__(self, backbone: Backbone, *, name: str = "sieve-rank", template: PromptTemplate = RANKGPT,
                  max_passage_tokens: int = 256, max_query_tokens: int = 128, min_passage_tokens: int = 8,
-                 window: int = 20, stride: int = 10):
+                 window: int = 20, stride: int = 10, jump_forward: bool = True):
         self.backbone, self.name = backbone, name
+        self.jump_forward = jump_forward  # forced tokens ride along with a sampled one (False: one forward each)
         self.window, self.stride = window, stride
         self.ids = IdTokens.from_tokenizer(backbone.tokenizer, max_id=100)
         self.prompts = PromptBuilder(backbone.tokenizer, template, context=backbone.args.max_seq_len, ids=self.ids,
@@ -113,13 +115,15 @@ class Reranker:
     def _decode(self, prompt_ids: list[int], n: int, k: int | None, stats: RankStats) -> tuple[list[int], str]:
         """Constrained greedy decoding of one answer -> (0-based order of k ids, answer text)."""
         constraint = PermutationConstraint(self.ids, n, k)
-        tokens = []
+        tokens, sampled = [], 0
         for step in stream(self.backbone.model, [prompt_ids], max_new_tokens=self.ids.output_length(n, k),
                            stop_tokens=[self.ids.eos], pad_id=self.backbone.tokenizer.pad_id,
-                           logits_processor=constraint):
+                           logits_processor=constraint if self.jump_forward else constraint.process):
             tokens.append(int(step.tokens[0]))
+            sampled += not step.forced
         stats.prompt_tokens += len(prompt_ids)
         stats.generated_tokens += len(tokens)
+        stats.decode_forwards += sampled - 1  # the prefill gave the first token's logits
         stats.forward_passes += 1
         if not constraint.done:
             raise RuntimeError(f"decoding stopped after {len(constraint.emitted)} of {constraint.k} ids")

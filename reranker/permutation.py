@@ -12,6 +12,8 @@ The digits of all ids form a trie. `PermutationConstraint` walks it with the tok
 emitted, (d) the end token once exactly `k` ids are out. Every other logit is -inf and the allowed ones are made
 finite, so greedy, sampled, random or adversarial logits all give a valid permutation: no repeats, no unknown ids,
 none missing. No post-hoc repair exists or is needed; `parse_permutation` only measures *unconstrained* output.
+Where only one token is allowed, `forced_tokens` hands it to the decoding loop (jump-forward decoding), which runs
+it with the token before it in one forward: about 2 forwards per id instead of 5 (`[`/` >` ` [`, digits, `]`).
 """
 
 from __future__ import annotations
@@ -193,12 +195,31 @@ class PermutationConstraint:
             self.forced = list(self.ids.separator)
 
     def process(self, generated: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        if generated.shape[0] != 1 or logits.shape[0] != 1:
+        if logits.shape[0] != 1:
+            raise ValueError("PermutationConstraint constrains one row; use one constraint per prompt")
+        self._consume(generated)
+        return constrain(logits, self.allowed())
+
+    def forced_tokens(self, generated: torch.Tensor) -> list[int]:
+        """The tokens that must come next whatever the logits say (separators, `]` of an id with no longer id left
+        below it, the end token), taken as emitted: the decoding loop runs them through the model in one forward
+        (jump-forward decoding) instead of sampling each."""
+        self._consume(generated)
+        out: list[int] = []
+        while len(allowed := self.allowed()) == 1:
+            out.append(allowed[0])
+            if self.done:
+                break
+            self.advance(allowed[0])
+        self.consumed += len(out)
+        return out
+
+    def _consume(self, generated: torch.Tensor) -> None:
+        if generated.shape[0] != 1:
             raise ValueError("PermutationConstraint constrains one row; use one constraint per prompt")
         for tok in generated[0, self.consumed:].tolist():
             self.advance(int(tok))
         self.consumed = generated.shape[1]
-        return constrain(logits, self.allowed())
 
     __call__ = process
 

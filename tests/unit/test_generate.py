@@ -71,6 +71,84 @@ def test_logits_processor_constrains_and_sees_generated_tokens():
     assert [s.shape[1] for s in seen] == [0, 1, 2]
 
 
+def test_cursor_extend_equals_one_step_per_token():
+    from sieve.backbone.generate import DecodeCursor, prefill
+
+    model = tiny_model()
+    prompts = [random_ids(1, n, seed=n)[0].tolist() for n in (7, 3)]  # left-padded rows: own positions
+    ids, mask = left_pad(prompts, 0)
+    chunk = random_ids(2, 4, seed=9)
+    runs = []
+    for extend in (False, True):
+        cursor = DecodeCursor.start(model, mask, 32)
+        prefill(model, ids, mask, "causal")
+        if extend:
+            logits = cursor.extend(chunk)
+        else:
+            for j in range(chunk.shape[1]):
+                logits = cursor.step(chunk[:, j])
+        runs.append((logits, cursor.step(chunk[:, 0]), cursor.slot, cursor.positions.tolist()))
+    (a, a_next, a_slot, a_pos), (b, b_next, b_slot, b_pos) = runs
+    torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(b_next, a_next, atol=1e-4, rtol=1e-4)  # the cache holds the same keys after both
+    assert (a_slot, a_pos) == (b_slot, b_pos) == (ids.shape[1] + 5, [12, 8])
+
+
+class _Pattern:
+    """Allow only `want[i]` at step i; `forced` also hands them over as forced tokens (jump-forward)."""
+
+    def __init__(self, want, forced):
+        self.want, self.seen = want, 0
+        if forced:
+            self.forced_tokens = self._forced
+
+    def __call__(self, generated, logits):
+        self.seen = generated.shape[1]
+        out = torch.full_like(logits, float("-inf"))
+        choices = self.want[self.seen]
+        out[:, choices] = logits[:, choices]
+        return out
+
+    def _forced(self, generated):
+        out = []
+        i = generated.shape[1]
+        while i < len(self.want) and len(self.want[i]) == 1:
+            out.append(self.want[i][0])
+            i += 1
+        return out
+
+
+def test_jump_forward_gives_the_stepwise_tokens_with_fewer_forwards(monkeypatch):
+    from sieve.backbone.generate import DecodeCursor
+
+    model = tiny_model()
+    prompt = random_ids(1, 6)[0].tolist()
+    # choices of 3 tokens, then 1-3 forced tokens, like an id then its separator; ends on a forced stop token
+    want = [[5, 9, 40], [7], [8], [12, 3, 50], [7], [60, 61], [7], [8], [9], [2]]
+    calls = {"step": 0, "extend": 0}
+    for name in calls:
+        original = getattr(DecodeCursor, name)
+
+        def counted(self, tokens, _name=name, _original=original):
+            calls[_name] += 1
+            return _original(self, tokens)
+
+        monkeypatch.setattr(DecodeCursor, name, counted)
+    runs = {}
+    for forced in (False, True):
+        calls.update(step=0, extend=0)
+        steps = list(stream(model, [prompt], max_new_tokens=20, stop_tokens=[2], logits_processor=_Pattern(want, forced)))
+        runs[forced] = ([int(s.tokens[0]) for s in steps], [s.forced for s in steps], dict(calls))
+    (plain, plain_forced, plain_calls), (jump, jump_forced, jump_calls) = runs[False], runs[True]
+    assert jump == plain and len(plain) == len(want) and plain[-1] == 2
+    assert not any(plain_forced) and jump_forced == [len(w) == 1 for w in want]
+    assert plain_calls == {"step": len(want) - 1, "extend": 0}
+    assert jump_calls == {"step": 0, "extend": 2}  # one forward per real choice but the last (then all is forced)
+    # the budget counts forced tokens too
+    short = list(stream(model, [prompt], max_new_tokens=2, logits_processor=_Pattern(want, True)))
+    assert len(short) == 2
+
+
 def test_sampling_options():
     logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]] * 4)
     assert sample(logits).tolist() == [1, 1, 1, 1]

@@ -177,6 +177,18 @@ def test_full_ranks_100_passages_in_one_pass(reranker, backbone):
     assert res.stats.prompt_tokens + res.stats.generated_tokens <= backbone.args.max_seq_len
 
 
+@pytest.mark.parametrize("mode", ["full", "sliding"])
+def test_jump_forward_ranks_as_stepwise_decoding_with_fewer_forwards(backbone, mode):
+    texts = passages(30, words=16, seed=3)
+    runs = [Reranker(backbone, max_passage_tokens=64, jump_forward=j).rank("heart risk", texts, mode=mode)
+            for j in (False, True)]
+    stepwise, jump = runs
+    assert jump.order == stepwise.order and jump.answers == stepwise.answers
+    assert stepwise.stats.decode_forwards == stepwise.stats.generated_tokens - stepwise.stats.forward_passes
+    # per id: one forward for its first digit, one for `]` or a second digit; separators and the end are forced
+    assert jump.stats.decode_forwards < 0.5 * stepwise.stats.decode_forwards
+
+
 def test_top_k(reranker):
     full = reranker.rank("q", passages(12), mode="full")
     top = reranker.rank("q", passages(12), mode="full", top_k=3)
