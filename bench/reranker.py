@@ -83,8 +83,8 @@ def main() -> None:
 
     rows = []
     for n in sizes:
-        per_query = [measure(rows_to_run, ds.queries[q], [ds.corpus[d] for d in ds.candidates[q][:n]], args.repeat, sync)
-                     for q in qids]
+        per_query = [measure(rows_to_run, ds.queries[q], [ds.corpus[d] for d in ds.candidates[q][:n]], args.repeat,
+                             sync) for q in qids]
         sliding_s = statistics.mean(r["sliding"]["seconds"] for r in per_query)
         for mode in rows_to_run:
             seconds = statistics.mean(r[mode]["seconds"] for r in per_query)
@@ -130,7 +130,7 @@ def plot(rows: list[dict], path: Path, device: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
     sizes = sorted({r["passages"] for r in rows})
     modes = list(dict.fromkeys(r["mode"] for r in rows))
-    for i, mode in enumerate(modes):
+    for mode in modes:
         mine = [next(r for r in rows if r["passages"] == n and r["mode"] == mode) for n in sizes]
         style = dict(marker="o", color=f"C{MODES.index(mode.removesuffix(STEPWISE))}", label=mode,
                      linestyle="--" if mode.endswith(STEPWISE) else "-")

@@ -104,7 +104,8 @@ def _rank_locally(query: str, texts: list[str], mode: str, top_k: int | None, mo
            "ranking": [{"index": i, "score": round(sc, 4), "text": texts[i][:200]} for i, sc in
                        zip(res.order, res.scores)],
            "stats": {"prompt_tokens": s.prompt_tokens, "generated_tokens": s.generated_tokens,
-                     "decode_forwards": s.decode_forwards, "forward_passes": s.forward_passes, "passage_cap": s.passage_cap, "truncated": s.truncated,
+                     "decode_forwards": s.decode_forwards, "forward_passes": s.forward_passes,
+                     "passage_cap": s.passage_cap, "truncated": s.truncated,
                      "seconds": round(s.seconds, 3)}}
     footer = (f"[dim]{s.prompt_tokens} prompt + {s.generated_tokens} generated tokens in {s.forward_passes} "
               f"pass(es), {s.passage_cap} tokens per passage ({s.truncated} cut), {s.seconds:.2f} s[/]")

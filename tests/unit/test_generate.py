@@ -137,7 +137,8 @@ def test_jump_forward_gives_the_stepwise_tokens_with_fewer_forwards(monkeypatch)
     runs = {}
     for forced in (False, True):
         calls.update(step=0, extend=0)
-        steps = list(stream(model, [prompt], max_new_tokens=20, stop_tokens=[2], logits_processor=_Pattern(want, forced)))
+        steps = list(stream(model, [prompt], max_new_tokens=20, stop_tokens=[2],
+                            logits_processor=_Pattern(want, forced)))
         runs[forced] = ([int(s.tokens[0]) for s in steps], [s.forced for s in steps], dict(calls))
     (plain, plain_forced, plain_calls), (jump, jump_forced, jump_calls) = runs[False], runs[True]
     assert jump == plain and len(plain) == len(want) and plain[-1] == 2
@@ -251,10 +252,14 @@ def test_compiled_decode_gives_the_eager_tokens(backend, tmp_path):
     quantize(model, "int8")
     prompts = [random_ids(1, n, seed=n)[0].tolist() for n in (4, 11)]
     eager = generate(model, prompts, max_new_tokens=8)
+    want = [[5, 9, 40], [7], [8], [12, 3, 50], [60, 61], [7], [9], [3, 4]]  # choices and forced tokens
+    eager_jump = generate(model, prompts[:1], max_new_tokens=8, logits_processor=_Pattern(want, True))
     compile_decode(model, backend=backend, cache_dir=tmp_path)
     assert model.decode_backend == backend
     assert generate(model, prompts, max_new_tokens=8) == eager
     assert generate(model, prompts[:1], max_new_tokens=8) == eager[:1]  # another batch size: recompiles, same tokens
+    # compiled single steps and eager multi-token extends share one cache
+    assert generate(model, prompts[:1], max_new_tokens=8, logits_processor=_Pattern(want, True)) == eager_jump
 
 
 def test_aot_decode_packages_are_reused_and_keyed_by_the_weights(tmp_path):
