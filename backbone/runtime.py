@@ -1,4 +1,5 @@
-"""Speed options applied to a loaded decoder: weight-only quantization and a compiled decode step.
+"""Speed options applied to a loaded decoder: weight-only quantization, a compiled decode step, or (with neither)
+float32 linears on oneDNN-prepacked weights.
 
 One function shared by the CLI (`sieve generate --quant int4 --compile`) and the service (Settings.decode_quant,
 Settings.compile_decode), so both run the same paths. Applying it again to the same model changes nothing.
@@ -10,24 +11,31 @@ from pathlib import Path
 
 from .generate import compile_decode
 from .model import Transformer
+from .packed import PackedLinear, pack_linears
 from .quant import SCHEMES, quantize
 
 
 def apply_speed_options(model: Transformer, *, quant: str | None = None, compile: bool = False,
-                        cache_dir: Path | None = None, on_compile=None) -> Transformer:
+                        cache_dir: Path | None = None, on_compile=None, pack: bool = True) -> Transformer:
     """quant: "int8" | "int4" | None / "none"; compile: attach a compiled decode step (`compile_decode`: on CPU
     AOTInductor libraries kept in `cache_dir`, e.g. SIEVE_HOME/cache/aot; on_compile(message) is told before a
-    library is compiled)."""
+    library is compiled); pack: with neither, run the float32 linears on oneDNN-prepacked weights on the CPU
+    (`packed.pack_linears`; inference only)."""
     if quant not in (None, "none"):
         if quant not in SCHEMES:
             raise ValueError(f"quantization {quant!r}: choose int8 or int4")
         done = getattr(model, "quant_scheme", None)
+        if done is None and any(isinstance(m, PackedLinear) for m in model.modules()):
+            raise ValueError(f"the decoder's linears are already packed for float32; load it again to quantize it "
+                             f"to {quant}")
         if done is None:
             quantize(model, quant)
         elif done != quant:
             raise ValueError(f"the decoder is already quantized to {done}; cannot requantize it to {quant}")
     if compile and getattr(model, "compiled_decode_step", None) is None:
         compile_decode(model, cache_dir=cache_dir, on_compile=on_compile)
+    if pack and quant in (None, "none") and not compile:
+        pack_linears(model)
     return model
 
 
@@ -38,4 +46,5 @@ def decode_path(model: Transformer) -> str:
                   "disk)",
            "inductor": "torch.compile'd static decode step (inductor, C++ wrapper)"}.get(backend,
                                                                                        "eager static decode step")
-    return how + f", weights {getattr(model, 'quant_scheme', None) or 'float'}"
+    packed = any(isinstance(m, PackedLinear) for m in model.modules())
+    return how + f", weights {getattr(model, 'quant_scheme', None) or ('float, oneDNN-packed' if packed else 'float')}"

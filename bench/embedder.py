@@ -1,5 +1,6 @@
 """Embedding throughput: Sieve's `Embedder.encode` vs HF transformers (AutoModel on the same SmolLM2 weights,
 manual mean pooling) and vs sentence-transformers `encode` for all-MiniLM-L6-v2, on the same texts in one run.
+A `pack=False` row runs Sieve's encoder on plain `nn.Linear`s instead of oneDNN-prepacked weights (CPU float32).
 
 Texts: the first N SciFact abstracts (real, varied lengths), cut at --max-tokens. HF runs the way a user would
 write it: fixed-size batches in the given order, each padded to its longest text. Sieve's encode sorts by length
@@ -44,6 +45,8 @@ def run_dtype(dtype: str, texts: list[str], gguf: Path, home: Path, args) -> lis
     rows: list[dict] = []
     sieve = load_embedder(resolve_embedder("sieve-embed"), home=home, device=args.device, dtype=dtype)
     sieve.encoder.max_length = args.max_tokens
+    unpacked = load_embedder(resolve_embedder("sieve-embed"), home=home, device=args.device, dtype=dtype, pack=False)
+    unpacked.encoder.max_length = args.max_tokens
     tokens = sum(len(sieve.encoder.prepare(t, "", True)[0]) for t in texts)
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     tok.pad_token = tok.pad_token or tok.eos_token
@@ -54,6 +57,7 @@ def run_dtype(dtype: str, texts: list[str], gguf: Path, home: Path, args) -> lis
     st_tokens = sum(min(len(st.tokenizer(t).input_ids), st.max_seq_length) for t in texts)
     runs = {
         "sieve-embed (Embedder.encode)": (lambda: sieve.encode(texts), tokens),
+        "sieve-embed, plain nn.Linear (pack=False)": (lambda: unpacked.encode(texts), tokens),
         "hf-transformers AutoModel + mean pool": (
             lambda: hf_encode(hf, tok, texts, args.batch_size, args.max_tokens, args.device), tokens),
         "sentence-transformers all-MiniLM-L6-v2": (

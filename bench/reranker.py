@@ -9,7 +9,7 @@ along with a sampled one); `--stepwise` adds `full-stepwise` and `sliding-stepwi
 measure what jump-forward saves. Writes bench/results/reranker-speed.json (+ .png).
 
     python bench/reranker.py [--sizes 20,50,100] [--queries 1] [--repeat 1] [--threads 2] [--device cpu]
-                             [--window 20 --stride 10] [--stepwise]
+                             [--window 20 --stride 10] [--stepwise] [--no-pack]
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, device_name, write_results  # noqa: E402
+from sieve.backbone.runtime import apply_speed_options  # noqa: E402
 from sieve.embedder.data import load_retrieval_set  # noqa: E402
 from sieve.reranker import load_reranker  # noqa: E402
 
@@ -62,11 +63,14 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=20, help="sliding window (the baseline is 20, stride 10)")
     ap.add_argument("--stride", type=int, default=10)
     ap.add_argument("--stepwise", action="store_true", help="also full and sliding without jump-forward decoding")
+    ap.add_argument("--no-pack", action="store_true", help="plain nn.Linear weights (the service packs float32 "
+                    "linears for oneDNN on the CPU, backbone.runtime.apply_speed_options)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     settings = Settings()
     reranker = load_reranker(args.model, home=settings.home / "cache", device=args.device, dtype=args.dtype)
     reranker.window, reranker.stride = args.window, args.stride
+    apply_speed_options(reranker.backbone.model, pack=not args.no_pack)  # as the service runs it
     rows_to_run = {mode: (reranker, mode) for mode in MODES}
     if args.stepwise:
         stepwise = copy.copy(reranker)
@@ -93,6 +97,7 @@ def main() -> None:
                 "system": reranker.name, "mode": mode, "passages": n, "queries": len(qids),
                 "window": f"{args.window}/{args.stride}" if mode.startswith("sliding") else "",
                 "device": device_name(args.device), "dtype": str(reranker.backbone.dtype).removeprefix("torch."),
+                "weights": "plain" if args.no_pack else "oneDNN-packed where float32 on CPU",
                 "seconds": round(seconds, 3),
                 "tokens_processed": round(statistics.mean(s.tokens_processed for s in st), 1),
                 "prompt_tokens": round(statistics.mean(s.prompt_tokens for s in st), 1),

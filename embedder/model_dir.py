@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 from sieve.backbone import load_backbone
+from sieve.backbone.packed import pack_linears
 
 from sieve.registry import resolve_backbone
 
@@ -78,8 +79,10 @@ def is_sentence_transformers(folder: Path) -> bool:
     return (folder / "modules.json").is_file() and not (folder / CONFIG).is_file()
 
 
-def load_embedder(folder: str | Path, *, home: str | Path, device: str = "auto", dtype: str = "auto") -> Embedder:
-    """Load an embedder folder (Sieve LLM embedder or sentence-transformers model)."""
+def load_embedder(folder: str | Path, *, home: str | Path, device: str = "auto", dtype: str = "auto",
+                  pack: bool = True) -> Embedder:
+    """Load an embedder folder (Sieve LLM embedder or sentence-transformers model). pack: run the LLM encoder's
+    linears on oneDNN-prepacked weights where it can (CPU, float32; see backbone/packed.py): inference only."""
     from safetensors.torch import load_file
     from sieve.backbone.loader import resolve_device, resolve_dtype
 
@@ -95,6 +98,8 @@ def load_embedder(folder: str | Path, *, home: str | Path, device: str = "auto",
     backbone = load_backbone(resolve_backbone(cfg.backbone), home=home, device=device, dtype=dtype)
     if cfg.lora_r:
         merge_lora(backbone.model, load_file(str(folder / ADAPTER)), cfg.lora_alpha / cfg.lora_r)
+    if pack:
+        pack_linears(backbone.model)  # after the merge: the packed weights are the adapted ones
     projection = None
     if cfg.projection_dim:
         sd = load_file(str(folder / PROJECTION))

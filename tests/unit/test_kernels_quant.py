@@ -142,7 +142,7 @@ def test_speed_options_apply_once_and_refuse_a_second_scheme():
 
     model = tiny_model()
     assert decode_path(model) == "eager static decode step, weights float"
-    apply_speed_options(model, quant="none")
+    apply_speed_options(model, quant="none", pack=False)
     assert getattr(model, "quant_scheme", None) is None
     apply_speed_options(model, quant="int4")
     packed = model.layers[0].attention.wqkv
@@ -152,3 +152,18 @@ def test_speed_options_apply_once_and_refuse_a_second_scheme():
         apply_speed_options(model, quant="int8")
     with pytest.raises(ValueError, match="choose int8 or int4"):
         apply_speed_options(tiny_model(), quant="int2")
+
+
+def test_speed_options_pack_float_linears_unless_quantized_or_compiled():
+    from sieve.backbone.packed import PackedLinear, can_pack
+    from sieve.backbone.runtime import apply_speed_options, decode_path
+
+    if not can_pack(tiny_model()):
+        pytest.skip("torch built without oneDNN")
+    model = apply_speed_options(tiny_model())
+    assert isinstance(model.layers[0].feed_forward.w13, PackedLinear)
+    assert decode_path(model) == "eager static decode step, weights float, oneDNN-packed"
+    with pytest.raises(ValueError, match="already packed"):
+        apply_speed_options(model, quant="int4")
+    quantized = apply_speed_options(tiny_model(), quant="int8")
+    assert not any(isinstance(m, PackedLinear) for m in quantized.modules())
