@@ -189,8 +189,8 @@ class DecodeCursor:
 
     def extend(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [B, m] (every row real) through one eager forward at the next m slots -> the last position's
-        next logits [B, V]: what m calls of `step` give, for about the cost of one while decoding is bound by
-        weight reads."""
+        next logits [B, V]: what m calls of `step` give, for less (3 tokens at a 2,000-slot cache, float32 on 2
+        cores: 113 ms against 3 x 65 ms)."""
         b, m = tokens.shape
         end = self.slot + m
         if end > self.key_mask.shape[1]:
