@@ -40,6 +40,10 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, oneDNN-packed float32"
 
 
+def is_packed(model: nn.Module) -> bool:
+    return any(isinstance(m, PackedLinear) for m in model.modules())
+
+
 def pack_linears(model: nn.Module) -> list[str]:
     """Swap the model's linears for `PackedLinear`s in place (a no-op where `can_pack` is False, or already packed);
     returns the names swapped. The LM head gets its own packed copy (the embedding table stays for lookups)."""

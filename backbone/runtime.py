@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .generate import compile_decode
 from .model import Transformer
-from .packed import PackedLinear, pack_linears
+from .packed import is_packed, pack_linears
 from .quant import SCHEMES, quantize
 
 
@@ -25,7 +25,7 @@ def apply_speed_options(model: Transformer, *, quant: str | None = None, compile
         if quant not in SCHEMES:
             raise ValueError(f"quantization {quant!r}: choose int8 or int4")
         done = getattr(model, "quant_scheme", None)
-        if done is None and any(isinstance(m, PackedLinear) for m in model.modules()):
+        if done is None and is_packed(model):
             raise ValueError(f"the decoder's linears are already packed for float32; load it again to quantize it "
                              f"to {quant}")
         if done is None:
@@ -46,5 +46,5 @@ def decode_path(model: Transformer) -> str:
                   "disk)",
            "inductor": "torch.compile'd static decode step (inductor, C++ wrapper)"}.get(backend,
                                                                                        "eager static decode step")
-    packed = any(isinstance(m, PackedLinear) for m in model.modules())
-    return how + f", weights {getattr(model, 'quant_scheme', None) or ('float, oneDNN-packed' if packed else 'float')}"
+    weights = getattr(model, "quant_scheme", None) or ("float, oneDNN-packed" if is_packed(model) else "float")
+    return how + f", weights {weights}"
