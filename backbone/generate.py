@@ -171,6 +171,9 @@ class DecodeCursor:
         """Set up the cache for `total` tokens (prompt + new, rounded up) and a cursor after a prompt whose real
         tokens are `prompt_mask` [B, T] (1 = token, 0 = left padding); call before prefilling the prompt."""
         b, t = prompt_mask.shape
+        if t >= model.args.max_seq_len:
+            raise ValueError(f"prompt of {t} tokens leaves no room in the model's {model.args.max_seq_len}-token "
+                             "context")
         length = _round_up(total, 256, model.args.max_seq_len)
         step_fn = decode_step_fn(model)
         model.setup_caches(b, length, exact=getattr(step_fn, "exact_cache", False))

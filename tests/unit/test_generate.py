@@ -185,6 +185,10 @@ def test_left_pad_and_prompt_validation():
         generate(model, [[1] * 256], max_new_tokens=2)
     # a prompt near the limit gets the room that is left, not an error
     assert len(generate(model, [[1] * 250], max_new_tokens=20)[0]) == 6
+    from sieve.backbone.generate import DecodeCursor
+
+    with pytest.raises(ValueError, match="256-token context"):  # a cursor refuses a prompt the cache cannot hold
+        DecodeCursor.start(model, torch.ones((1, 256), dtype=torch.long), 260)
 
 
 def _plain_greedy(model, prompts, n, pad_id=0):
