@@ -52,7 +52,20 @@ def _refrag_for_k(base: Refrag, k: int, home: Path, backbone) -> Refrag:
 
 
 @torch.no_grad()
-def wikitext_rows(refrag_at, cfg: EvalConfig, console=None) -> list[dict]:
+def decoders(r: Refrag, plain: Refrag | None) -> list[tuple[str, Refrag]]:
+    """The baselines' decoders: the REFRAG model's own and, when it has a tuned copy (a LoRA), the plain backbone."""
+    return [("own", r)] + ([("base", plain)] if plain is not None else [])
+
+
+def _which(key: tuple, cfg: EvalConfig) -> dict:
+    """A row's identity fields: the decoder of a baseline ("own": the REFRAG model's decoder, "base": the untuned
+    backbone), or k / expansion / policy / projector of a compressed system."""
+    if key[0] != "compressed":
+        return {"decoder": key[1]}
+    return {"k": key[1], "expansion": key[2], "policy": cfg.policy, "model": key[3]}
+
+
+def wikitext_rows(refrag_at, cfg: EvalConfig, console=None, plain: Refrag | None = None) -> list[dict]:
     from .prompt import Layout
     from .train import lm_loss
 
@@ -76,32 +89,31 @@ def wikitext_rows(refrag_at, cfg: EvalConfig, console=None) -> list[dict]:
                 if k == cfg.ks[0]:
                     every = set(range(ctx.n_blocks))
                     empty = Layout([layout.segments[0], layout.segments[-1]])
-                    baselines = {("no-context",): (empty, set()), ("full-context",): (layout, every)}
-                    for key, (lay, exp) in baselines.items():
-                        nll[key] = nll.get(key, 0.0) + lm_loss(r, [(lay, exp, len(target))], off).item()
-                        positions[key] = positions.get(key, 0) + lay.n_positions(exp)
+                    for decoder, owner in decoders(r, plain):
+                        for mode, (lay, exp) in {"no-context": (empty, set()), "full-context": (layout, every)}.items():
+                            key = (mode, decoder)
+                            nll[key] = nll.get(key, 0.0) + lm_loss(owner, [(lay, exp, len(target))], off).item()
+                            positions[key] = positions.get(key, 0) + lay.n_positions(exp)
                 for p in cfg.expansions:
                     expand = r.choose_expansion(layout, p, policy=cfg.policy)
                     key = ("compressed", k, p, r.name)
                     nll[key] = nll.get(key, 0.0) + lm_loss(r, [(layout, expand, len(target))], off).item()
                     positions[key] = positions.get(key, 0) + layout.n_positions(expand)
-        full_ppl = math.exp(nll[("full-context",)] / len(starts))
+        full_ppl = math.exp(nll[("full-context", "own")] / len(starts))
         for key, total in nll.items():
             ppl = math.exp(total / len(starts))
-            row = {"system": key[0] if len(key) == 1 else f"refrag-k{key[1]}", "dataset": "wikitext-2-raw",
+            row = {"system": key[0] if key[0] != "compressed" else f"refrag-k{key[1]}", "dataset": "wikitext-2-raw",
                    "split": "test", "mode": key[0], "context_tokens": length, "target_tokens": cfg.target_tokens,
                    "windows": len(starts), "perplexity": round(ppl, 3), "ppl_vs_full": round(ppl / full_ppl, 4),
                    "decoder_positions": round(positions[key] / len(starts), 1)}
-            if len(key) > 1:
-                row |= {"k": key[1], "expansion": key[2], "policy": cfg.policy, "model": key[3]}
-            rows.append(row)
+            rows.append(row | _which(key, cfg))
         if console is not None:
             console.print(f"wikitext L={length}: {len(starts)} windows in {time.perf_counter() - t0:.0f} s, "
                           f"full ppl {full_ppl:.2f}")
     return rows
 
 
-def nq_rows(refrag_at, cfg: EvalConfig, console=None) -> list[dict]:
+def nq_rows(refrag_at, cfg: EvalConfig, console=None, plain: Refrag | None = None) -> list[dict]:
     from sieve.backbone import generate
 
     from .answer import Answerer
@@ -118,11 +130,12 @@ def nq_rows(refrag_at, cfg: EvalConfig, console=None) -> list[dict]:
     t0 = time.perf_counter()
     for ex in examples:
         layout = qa_layout(base.tokenizer, ex.question)
-        out = generate(base.model, [layout.full_ids()], max_new_tokens=cfg.max_new_tokens,
-                       stop_tokens=base.tokenizer.eos_ids)[0]
-        add(("closed-book",), base.tokenizer.decode(out), ex, len(layout.full_ids()))
-        s = Answerer(base).stream(ex.question, ex.passages, expansion=1.0, max_new_tokens=cfg.max_new_tokens)
-        add(("full-context",), "".join(s), ex, s.stats.prompt_positions)
+        for decoder, owner in decoders(base, plain):
+            out = generate(owner.model, [layout.full_ids()], max_new_tokens=cfg.max_new_tokens,
+                           stop_tokens=base.tokenizer.eos_ids)[0]
+            add(("closed-book", decoder), base.tokenizer.decode(out), ex, len(layout.full_ids()))
+            s = Answerer(owner).stream(ex.question, ex.passages, expansion=1.0, max_new_tokens=cfg.max_new_tokens)
+            add(("full-context", decoder), "".join(s), ex, s.stats.prompt_positions)
         for k in cfg.ks:
             r = refrag_at(k)
             encoded = r.encode(ex.passages, k)
@@ -131,17 +144,15 @@ def nq_rows(refrag_at, cfg: EvalConfig, console=None) -> list[dict]:
                                        max_new_tokens=cfg.max_new_tokens)
                 add(("compressed", k, p, r.name), "".join(s), ex, s.stats.prompt_positions)
     rows = []
-    full_acc = sum(a for _, a, _ in scores[("full-context",)]) / len(examples)
+    full_acc = sum(a for _, a, _ in scores[("full-context", "own")]) / len(examples)
     for key, got in scores.items():
         em = sum(e for e, _, _ in got) / len(got)
         acc = sum(a for _, a, _ in got) / len(got)
-        row = {"system": key[0] if len(key) == 1 else f"refrag-k{key[1]}", "dataset": f"nq-open-{cfg.n_docs}doc",
-               "split": "eval", "mode": key[0], "questions": len(got), "exact_match": round(em, 4),
-               "accuracy": round(acc, 4), "accuracy_minus_full": round(acc - full_acc, 4),
+        row = {"system": key[0] if key[0] != "compressed" else f"refrag-k{key[1]}",
+               "dataset": f"nq-open-{cfg.n_docs}doc", "split": "eval", "mode": key[0], "questions": len(got),
+               "exact_match": round(em, 4), "accuracy": round(acc, 4), "accuracy_minus_full": round(acc - full_acc, 4),
                "decoder_positions": round(sum(p for _, _, p in got) / len(got), 1)}
-        if len(key) > 1:
-            row |= {"k": key[1], "expansion": key[2], "policy": cfg.policy, "model": key[3]}
-        rows.append(row)
+        rows.append(row | _which(key, cfg))
     if console is not None:
         console.print(f"nq: {len(examples)} questions in {time.perf_counter() - t0:.0f} s")
     return rows
@@ -162,6 +173,8 @@ def run_eval(cfg: EvalConfig, *, home: Path, device: str = "auto", dtype: str = 
     backbone = load_backbone(resolve_backbone(RefragConfig.load(folder).backbone), home=home, device=device,
                              dtype=dtype)
     base = load_refrag(folder, home=home, backbone=backbone)
+    plain = None if base.model is backbone.model else Refrag(  # a tuned decoder copy: also run the plain backbone
+        backbone.model, base.tokenizer, base.blocks.encoder, base.projector, k=base.k, name="base-decoder")
     cache: dict[int, Refrag] = {}
 
     def refrag_at(k: int) -> Refrag:
@@ -173,9 +186,9 @@ def run_eval(cfg: EvalConfig, *, home: Path, device: str = "auto", dtype: str = 
     out = None
     dev = device_name(str(backbone.device))
     if "wikitext" in cfg.tasks:
-        rows += wikitext_rows(refrag_at, cfg, console)
+        rows += wikitext_rows(refrag_at, cfg, console, plain)
         out = write_results(cfg.name, rows, dev)
     if "nq" in cfg.tasks:
-        rows += nq_rows(refrag_at, cfg, console)
+        rows += nq_rows(refrag_at, cfg, console, plain)
         out = write_results(cfg.name, rows, dev)
     return out

@@ -130,3 +130,52 @@ def test_layout_positions_skip_no_segment():
     seg = Segment([1, 2, 3], torch.zeros(4))
     layout = Layout([Segment([9]), seg, Segment([7, 7])])
     assert layout.n_positions() == 4 and layout.n_positions({0}) == 6
+
+
+def test_wikitext_eval_rows_compare_compressed_full_and_the_base_decoder(refrag, tmp_path):
+    """Expanding every block is the full-context row; a REFRAG model with its own tuned decoder also gets the plain
+    backbone's baselines (decoder "base"), which differ from its own."""
+    import copy
+
+    from sieve.refrag.eval import EvalConfig, wikitext_rows
+
+    (tmp_path / "text/wikitext-2-raw").mkdir(parents=True)
+    (tmp_path / "text/wikitext-2-raw/test.txt").write_text(" ".join(text(40, s) for s in range(6)))
+    cfg = EvalConfig(data_root=tmp_path, ks=[4], expansions=[0.0, 1.0], contexts=[16], target_tokens=8, limit=2)
+
+    def rows_of(rows):
+        return {(r["mode"], r.get("decoder"), r.get("expansion")): r for r in rows}
+
+    alone = rows_of(wikitext_rows(lambda k: refrag, cfg))
+    assert set(alone) == {("no-context", "own", None), ("full-context", "own", None), ("compressed", None, 0.0),
+                          ("compressed", None, 1.0)}
+    full = alone["full-context", "own", None]
+    assert full["ppl_vs_full"] == 1.0 and full["windows"] == 2 and full["context_tokens"] == 16
+    assert alone["compressed", None, 1.0]["perplexity"] == pytest.approx(full["perplexity"], rel=1e-4)
+    assert alone["compressed", None, 0.0]["decoder_positions"] < full["decoder_positions"]
+
+    tuned = copy.deepcopy(refrag.model)
+    with torch.no_grad():
+        tuned.layers[0].attention.wqkv.weight.mul_(1.5)
+    own = Refrag(tuned, refrag.tokenizer, refrag.blocks.encoder, refrag.projector, k=4)
+    both = rows_of(wikitext_rows(lambda k: own, cfg, plain=refrag))
+    assert both["full-context", "base", None]["perplexity"] == pytest.approx(full["perplexity"], rel=1e-4)
+    assert both["full-context", "own", None]["perplexity"] != pytest.approx(full["perplexity"], rel=1e-3)
+    assert both["no-context", "base", None]["perplexity"] == alone["no-context", "own", None]["perplexity"]
+
+
+def test_nq_eval_rows_score_each_system_on_every_question(refrag, tmp_path, monkeypatch):
+    import sieve.refrag.eval as ev
+    from sieve.refrag.data import QAExample
+
+    examples = [QAExample(str(i), f"what is {text(3, i)}?", [text(2, i)], [text(30, i), text(20, i + 7)], [0])
+                for i in range(2)]
+    monkeypatch.setattr(ev, "nq_eval", lambda root, n_docs, limit: examples[:limit])
+    cfg = ev.EvalConfig(data_root=tmp_path, ks=[4], expansions=[0.0], limit=2, n_docs=2, max_new_tokens=3)
+    rows = {(r["mode"], r.get("decoder")): r for r in ev.nq_rows(lambda k: refrag, cfg, plain=refrag)}
+    assert set(rows) == {("closed-book", "own"), ("closed-book", "base"), ("full-context", "own"),
+                         ("full-context", "base"), ("compressed", None)}
+    assert all(r["questions"] == 2 and 0 <= r["exact_match"] <= r["accuracy"] <= 1 for r in rows.values())
+    assert rows["full-context", "own"]["accuracy_minus_full"] == 0
+    assert (rows["closed-book", "own"]["decoder_positions"] < rows["compressed", None]["decoder_positions"]
+            < rows["full-context", "own"]["decoder_positions"])
