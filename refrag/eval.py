@@ -51,20 +51,21 @@ def _refrag_for_k(base: Refrag, k: int, home: Path, backbone) -> Refrag:
     return base
 
 
-@torch.no_grad()
 def decoders(r: Refrag, plain: Refrag | None) -> list[tuple[str, Refrag]]:
     """The baselines' decoders: the REFRAG model's own and, when it has a tuned copy (a LoRA), the plain backbone."""
     return [("own", r)] + ([("base", plain)] if plain is not None else [])
 
 
 def _which(key: tuple, cfg: EvalConfig) -> dict:
-    """A row's identity fields: the decoder of a baseline ("own": the REFRAG model's decoder, "base": the untuned
-    backbone), or k / expansion / policy / projector of a compressed system."""
+    """A row's identity fields: a baseline's mode and decoder ("own": the REFRAG model's decoder, "base": the untuned
+    backbone), or a compressed system's k / expansion / policy / projector."""
     if key[0] != "compressed":
-        return {"decoder": key[1]}
-    return {"k": key[1], "expansion": key[2], "policy": cfg.policy, "model": key[3]}
+        return {"system": key[0], "mode": key[0], "decoder": key[1]}
+    return {"system": f"refrag-k{key[1]}", "mode": key[0], "k": key[1], "expansion": key[2], "policy": cfg.policy,
+            "model": key[3]}
 
 
+@torch.no_grad()
 def wikitext_rows(refrag_at, cfg: EvalConfig, console=None, plain: Refrag | None = None) -> list[dict]:
     from .prompt import Layout
     from .train import lm_loss
@@ -102,11 +103,10 @@ def wikitext_rows(refrag_at, cfg: EvalConfig, console=None, plain: Refrag | None
         full_ppl = math.exp(nll[("full-context", "own")] / len(starts))
         for key, total in nll.items():
             ppl = math.exp(total / len(starts))
-            row = {"system": key[0] if key[0] != "compressed" else f"refrag-k{key[1]}", "dataset": "wikitext-2-raw",
-                   "split": "test", "mode": key[0], "context_tokens": length, "target_tokens": cfg.target_tokens,
-                   "windows": len(starts), "perplexity": round(ppl, 3), "ppl_vs_full": round(ppl / full_ppl, 4),
-                   "decoder_positions": round(positions[key] / len(starts), 1)}
-            rows.append(row | _which(key, cfg))
+            rows.append(_which(key, cfg) | {
+                "dataset": "wikitext-2-raw", "split": "test", "context_tokens": length,
+                "target_tokens": cfg.target_tokens, "windows": len(starts), "perplexity": round(ppl, 3),
+                "ppl_vs_full": round(ppl / full_ppl, 4), "decoder_positions": round(positions[key] / len(starts), 1)})
         if console is not None:
             console.print(f"wikitext L={length}: {len(starts)} windows in {time.perf_counter() - t0:.0f} s, "
                           f"full ppl {full_ppl:.2f}")
@@ -148,11 +148,10 @@ def nq_rows(refrag_at, cfg: EvalConfig, console=None, plain: Refrag | None = Non
     for key, got in scores.items():
         em = sum(e for e, _, _ in got) / len(got)
         acc = sum(a for _, a, _ in got) / len(got)
-        row = {"system": key[0] if key[0] != "compressed" else f"refrag-k{key[1]}",
-               "dataset": f"nq-open-{cfg.n_docs}doc", "split": "eval", "mode": key[0], "questions": len(got),
-               "exact_match": round(em, 4), "accuracy": round(acc, 4), "accuracy_minus_full": round(acc - full_acc, 4),
-               "decoder_positions": round(sum(p for _, _, p in got) / len(got), 1)}
-        rows.append(row | _which(key, cfg))
+        rows.append(_which(key, cfg) | {
+            "dataset": f"nq-open-{cfg.n_docs}doc", "split": "eval", "questions": len(got),
+            "exact_match": round(em, 4), "accuracy": round(acc, 4), "accuracy_minus_full": round(acc - full_acc, 4),
+            "decoder_positions": round(sum(p for _, _, p in got) / len(got), 1)})
     if console is not None:
         console.print(f"nq: {len(examples)} questions in {time.perf_counter() - t0:.0f} s")
     return rows
