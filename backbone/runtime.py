@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .equalize import calibrated_rms, equalize
 from .generate import compile_decode
 from .model import Transformer
 from .packed import is_packed, pack_linears
@@ -16,11 +17,14 @@ from .quant import SCHEMES, quantize
 
 
 def apply_speed_options(model: Transformer, *, quant: str | None = None, compile: bool = False,
-                        cache_dir: Path | None = None, on_compile=None, pack: bool = True) -> Transformer:
+                        cache_dir: Path | None = None, on_compile=None, pack: bool = True,
+                        calibration_dir: Path | None = None, equalize_int8: bool = True) -> Transformer:
     """quant: "int8" | "int4" | None / "none"; compile: attach a compiled decode step (`compile_decode`: on CPU
     AOTInductor libraries kept in `cache_dir`, e.g. SIEVE_HOME/cache/aot; on_compile(message) is told before a
     library is compiled); pack: with neither, run the float32 linears on oneDNN-prepacked weights on the CPU
-    (`packed.pack_linears`; inference only)."""
+    (`packed.pack_linears`; inference only). int8 first equalizes the channels (`equalize`: activation
+    statistics from self-sampled text, cached in `calibration_dir`, e.g. SIEVE_HOME/cache/calibration) unless
+    `equalize_int8` is False; int4 requantizes the weights as they are (exact for Q4_1 GGUF weights)."""
     if quant not in (None, "none"):
         if quant not in SCHEMES:
             raise ValueError(f"quantization {quant!r}: choose int8 or int4")
@@ -29,6 +33,8 @@ def apply_speed_options(model: Transformer, *, quant: str | None = None, compile
             raise ValueError(f"the decoder's linears are already packed for float32; load it again to quantize it "
                              f"to {quant}")
         if done is None:
+            if quant == "int8" and equalize_int8:
+                equalize(model, calibrated_rms(model, calibration_dir))
             quantize(model, quant)
         elif done != quant:
             raise ValueError(f"the decoder is already quantized to {done}; cannot requantize it to {quant}")

@@ -3,8 +3,10 @@
 All on SmolLM2-135M-Instruct from the packaged Q4_1 GGUF, in one run, with the systems' repetitions interleaved:
 
     sieve-fp32        Sieve's decoder, fp32 weights (the GGUF dequantized), eager
-    sieve-int8        weight-only int8 (`quantize(model, "int8")`), decode step compiled by `compile_decode`'s
-                      default (AOTInductor on CPU, backbone/aot.py)
+    sieve-int8        weight-only int8 after activation-aware channel equalization (`equalize`, then
+                      `quantize(model, "int8")`, as `apply_speed_options` does), decode step compiled by
+                      `compile_decode`'s default (AOTInductor on CPU, backbone/aot.py)
+    sieve-int8-rtn    the same without equalization: plain round-to-nearest per channel (quality rows only)
     sieve-int4        int4 g32 body + int8 prefill head + int4 decode head (`quantize(model, "int4")`), compiled
     sieve-int4-inductor  the same int4 model, decode step compiled with torch.compile instead (decode rows only)
     sieve-int4-eager  the same int4 model, not compiled (decode rows only: prefill and quality are sieve-int4's)
@@ -47,6 +49,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import device_name, write_results  # noqa: E402
 from sieve.backbone import load_backbone, stream  # noqa: E402
+from sieve.backbone.equalize import calibrated_rms, equalize  # noqa: E402
 from sieve.backbone.generate import compile_decode, generate, left_pad  # noqa: E402
 from sieve.backbone.quant import quant_summary, quantize  # noqa: E402
 
@@ -59,6 +62,7 @@ LLAMA_PYTHON = ROOT / ".peers" / "llama" / "bin" / "python"
 HF, LLAMA = "hf-transformers", "llama.cpp"
 SIEVE_SYSTEMS = ("sieve-fp32", "sieve-int8", "sieve-int4", "sieve-int4-inductor", "sieve-int4-eager")
 DECODE_ONLY = ("sieve-int4-inductor", "sieve-int4-eager")  # prefill and quality rows are sieve-int4's
+QUALITY_SYSTEMS = ("sieve-fp32", "sieve-int8", "sieve-int8-rtn", "sieve-int4")
 DECODE_PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 
 # one decoding run: -> (seconds counted, generated tokens of row 0 or None)
@@ -170,16 +174,22 @@ class Bench:
         """The Transformer of a Sieve system, loaded (and quantized, compiled) on first use."""
         if system not in self._sieve:
             bb = load_backbone(self.path, home=self.home, device="cpu", dtype="float32")
-            scheme = {"sieve-int8": "int8", "sieve-int4": "int4", "sieve-int4-inductor": "int4",
-                      "sieve-int4-eager": "int4"}.get(system)
+            scheme = {"sieve-int8": "int8", "sieve-int8-rtn": "int8", "sieve-int4": "int4",
+                      "sieve-int4-inductor": "int4", "sieve-int4-eager": "int4"}.get(system)
+            if system == "sieve-int8":
+                equalize(bb.model, calibrated_rms(bb.model, self.home / "calibration"))
             if scheme:
                 quantize(bb.model, scheme)
-            backend = {"sieve-int8": "aot", "sieve-int4": "aot", "sieve-int4-inductor": "inductor"}.get(system)
+            backend = {"sieve-int8": "aot", "sieve-int8-rtn": "aot", "sieve-int4": "aot",
+                       "sieve-int4-inductor": "inductor"}.get(system)
             if backend:
                 compile_decode(bb.model, backend=backend)
             q = quant_summary(bb.model)
             weights = "fp32 (the GGUF dequantized)" if not scheme else (
                 f"{q['scheme']} body, {q['lm_head']} head, decode head {q['decode_lm_head']}")
+            if scheme == "int8":
+                weights += ", channels equalized (backbone/equalize.py)" if system == "sieve-int8" else \
+                    ", plain round-to-nearest"
             how = {"aot": "decode step compiled by AOTInductor (backbone/aot.py)",
                    "inductor": "decode step torch.compile'd (inductor, C++ wrapper)"}.get(backend, "eager")
             self.systems[system] = f"Sieve, {weights}, {how}"
@@ -227,7 +237,7 @@ class Bench:
         windows = [self.wiki[i * a.ppl_window: (i + 1) * a.ppl_window] for i in range(a.ppl_windows)]
         windows = [w for w in windows if len(w) == a.ppl_window]
         setting = f"wikitext-2-raw test, {len(windows)} x {a.ppl_window}-token windows"
-        for system in ("sieve-fp32", "sieve-int8", "sieve-int4", LLAMA):
+        for system in (*QUALITY_SYSTEMS, LLAMA):
             if system == LLAMA and self.llama is None:
                 continue
             t0 = time.perf_counter()
@@ -252,7 +262,7 @@ class Bench:
         setting = f"{len(prompts)} chat prompts x {k} greedy tokens vs sieve-fp32"
         outs: dict[str, list[list[int]]] = {}
         found: list[tuple] = []
-        for system in ("sieve-fp32", "sieve-int8", "sieve-int4", LLAMA):
+        for system in (*QUALITY_SYSTEMS, LLAMA):
             if system == LLAMA and self.llama is None:
                 continue
             with c.status(f"greedy agreement, {setting}: {system} (the first compiled call compiles)"):

@@ -187,7 +187,8 @@ class Generators:
 
             with lock:  # the two loaders may share one decoder
                 apply_speed_options(model, quant=settings.decode_quant, compile=settings.compile_decode,
-                                    cache_dir=home / "aot", on_compile=log.info)
+                                    cache_dir=home / "aot", calibration_dir=home / "calibration",
+                                    on_compile=log.info)
 
         def reranker():
             from sieve.reranker import RerankerConfig, load_reranker, resolve_reranker

@@ -41,6 +41,7 @@ def _apply_runtime_options(bb, settings: Settings, quant: str | None, attention:
     with err.status(f"quantizing weights to {quant} ..." if quant else "preparing the decoder ..."):
         apply_speed_options(bb.model, quant=quant, compile=compile_decode,
                             cache_dir=settings.home / "cache" / "aot",
+                            calibration_dir=settings.home / "cache" / "calibration",
                             on_compile=lambda msg: err.print(f"[dim]{msg}[/dim]"))
 
 
