@@ -106,6 +106,7 @@ def equalize(model: Transformer, rms: dict[str, torch.Tensor], alpha: float = AL
             c = channel_scales(rms[f"layers.{i}.{key}"], alpha)
             norm.weight /= c
             lin.weight *= c[None, :]
+    model.equalized_alpha = alpha  # shown by `quant_summary` (sieve info)
 
 
 def weights_digest(model: Transformer) -> str:

@@ -329,6 +329,8 @@ def quant_summary(model: nn.Module) -> dict:
     groups = sorted({m.group_size for m in mods if isinstance(m, Int4Linear)})
     return {"scheme": getattr(model, "quant_scheme", "mixed"), "lm_head": getattr(model, "quant_output", "?"),
             **({"int4_group_size": groups} if groups else {}), "linears": len(mods),
+            **({"int8_channels": f"equalized, rms^{model.equalized_alpha}"}
+               if getattr(model, "equalized_alpha", None) is not None else {}),
             "decode_lm_head": getattr(model, "quant_decode_output", None) or "the same head",
             "lm_head_exact_topk": getattr(model, "exact_topk", 0),
             "quantized_weight_mb": round(nbytes / 2**20, 1), **paths}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from sieve.backbone import equalize as eq
-from sieve.backbone.quant import quantize
+from sieve.backbone.quant import quant_summary, quantize
 from sieve.backbone.runtime import apply_speed_options
 
 from .helpers import random_ids, tiny_model
@@ -88,8 +88,10 @@ def test_speed_options_equalize_int8_only(tmp_path):
     int8 = apply_speed_options(tiny_model(), quant="int8", calibration_dir=tmp_path)
     assert not torch.equal(int8.layers[0].ffn_norm.weight, base.layers[0].ffn_norm.weight)
     assert list(tmp_path.glob("int8-rms-*.safetensors"))
+    assert quant_summary(int8)["int8_channels"] == f"equalized, rms^{eq.ALPHA}"
     plain = apply_speed_options(tiny_model(), quant="int8", equalize_int8=False)
     int4 = apply_speed_options(tiny_model(), quant="int4", calibration_dir=tmp_path / "x")
     for m in (plain, int4):
         assert torch.equal(m.layers[0].ffn_norm.weight, base.layers[0].ffn_norm.weight)
+        assert "int8_channels" not in quant_summary(m)
     assert not (tmp_path / "x").exists()
