@@ -33,6 +33,16 @@ from .model import Transformer
 SOURCES = ("model.py", "rope.py", "quant.py", "aot.py")  # the code an exported step runs (part of the key)
 
 
+def hash_state(h, module: nn.Module) -> None:
+    """Feed every tensor of the module's state dict (name, dtype, shape, bytes) to the hash `h`."""
+    for name, tensor in sorted(module.state_dict().items()):
+        if tensor is None:
+            continue
+        t = tensor.detach().contiguous().reshape(-1)
+        h.update(f"{name} {t.dtype} {tuple(tensor.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+
 class _DecodeProgram(nn.Module):
     """What gets exported: `Transformer.decode_step` with the KV cache as inputs."""
 
@@ -94,12 +104,7 @@ class AotDecodeStep:
             here = Path(__file__).parent
             for name in SOURCES:
                 h.update((here / name).read_bytes())
-            for name, tensor in sorted(m.state_dict().items()):
-                if tensor is None:
-                    continue
-                t = tensor.detach().contiguous().reshape(-1)
-                h.update(f"{name} {t.dtype} {tuple(tensor.shape)}".encode())
-                h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            hash_state(h, m)
             self._digest = h.hexdigest()
         return self._digest
 

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .aot import hash_state
 from .generate import generate
 from .model import Transformer
 
@@ -51,7 +52,7 @@ def calibration_text(model: Transformer, *, sequences: int = CALIBRATION_SEQUENC
 def input_rms(model: Transformer, sequences: list[list[int]]) -> dict[str, torch.Tensor]:
     """Root mean square of every input channel of each layer's wqkv, wo, w13 and w2 over the sequences."""
     sums: dict[str, torch.Tensor] = {}
-    count = [0]
+    count = 0
     hooks = []
     for i, layer in enumerate(model.layers):
         for name, mod in (("wqkv", layer.attention.wqkv), ("wo", layer.attention.wo),
@@ -68,11 +69,11 @@ def input_rms(model: Transformer, sequences: list[list[int]]) -> dict[str, torch
         with torch.inference_mode():
             for seq in sequences:
                 model(torch.tensor([seq]), return_logits=False)
-                count[0] += len(seq)
+                count += len(seq)
     finally:
         for h in hooks:
             h.remove()
-    return {k: (v / count[0]).sqrt().float() for k, v in sums.items()}
+    return {k: (v / count).sqrt().float() for k, v in sums.items()}
 
 
 def channel_scales(rms: torch.Tensor, alpha: float = ALPHA) -> torch.Tensor:
@@ -112,10 +113,7 @@ def equalize(model: Transformer, rms: dict[str, torch.Tensor], alpha: float = AL
 def weights_digest(model: Transformer) -> str:
     h = hashlib.blake2b(digest_size=16)
     h.update(f"{VERSION} {CALIBRATION_SEQUENCES}x{CALIBRATION_TOKENS} {model.args!r}".encode())
-    for name, t in sorted(model.state_dict().items()):
-        t = t.detach().contiguous().reshape(-1)
-        h.update(f"{name} {t.dtype}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes())
+    hash_state(h, model)
     return h.hexdigest()
 
 
