@@ -3,8 +3,8 @@
 All on SmolLM2-135M-Instruct from the packaged Q4_1 GGUF, in one run, with the systems' repetitions interleaved:
 
     sieve-fp32        Sieve's decoder, fp32 weights (the GGUF dequantized), eager
-    sieve-int8        weight-only int8 after activation-aware channel equalization (`equalize`, then
-                      `quantize(model, "int8")`, as `apply_speed_options` does), decode step compiled by
+    sieve-int8        weight-only int8 after activation-aware channel equalization (`apply_speed_options(model,
+                      quant="int8")`, as the CLI and the service run it), decode step compiled by
                       `compile_decode`'s default (AOTInductor on CPU, backbone/aot.py)
     sieve-int8-rtn    the same without equalization: plain round-to-nearest per channel (quality rows only)
     sieve-int4        int4 g32 body + int8 prefill head + int4 decode head (`quantize(model, "int4")`), compiled
@@ -49,9 +49,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import device_name, write_results  # noqa: E402
 from sieve.backbone import load_backbone, stream  # noqa: E402
-from sieve.backbone.equalize import calibrated_rms, equalize  # noqa: E402
 from sieve.backbone.generate import compile_decode, generate, left_pad  # noqa: E402
-from sieve.backbone.quant import quant_summary, quantize  # noqa: E402
+from sieve.backbone.quant import quant_summary  # noqa: E402
+from sieve.backbone.runtime import apply_speed_options  # noqa: E402
 
 from sieve.registry import resolve_backbone  # noqa: E402
 from sieve.settings import Settings  # noqa: E402
@@ -176,10 +176,9 @@ class Bench:
             bb = load_backbone(self.path, home=self.home, device="cpu", dtype="float32")
             scheme = {"sieve-int8": "int8", "sieve-int8-rtn": "int8", "sieve-int4": "int4",
                       "sieve-int4-inductor": "int4", "sieve-int4-eager": "int4"}.get(system)
-            if system == "sieve-int8":
-                equalize(bb.model, calibrated_rms(bb.model, self.home / "calibration"))
-            if scheme:
-                quantize(bb.model, scheme)
+            # the service's path (int8: channels equalized first), except sieve-int8-rtn; fp32 stays unpacked
+            apply_speed_options(bb.model, quant=scheme, pack=False, calibration_dir=self.home / "calibration",
+                                equalize_int8=system != "sieve-int8-rtn")
             backend = {"sieve-int8": "aot", "sieve-int8-rtn": "aot", "sieve-int4": "aot",
                        "sieve-int4-inductor": "inductor"}.get(system)
             if backend:
@@ -188,8 +187,7 @@ class Bench:
             weights = "fp32 (the GGUF dequantized)" if not scheme else (
                 f"{q['scheme']} body, {q['lm_head']} head, decode head {q['decode_lm_head']}")
             if scheme == "int8":
-                weights += ", channels equalized (backbone/equalize.py)" if system == "sieve-int8" else \
-                    ", plain round-to-nearest"
+                weights += f", channels {q.get('int8_channels', 'plain round-to-nearest')}"
             how = {"aot": "decode step compiled by AOTInductor (backbone/aot.py)",
                    "inductor": "decode step torch.compile'd (inductor, C++ wrapper)"}.get(backend, "eager")
             self.systems[system] = f"Sieve, {weights}, {how}"
