@@ -5,6 +5,19 @@ from __future__ import annotations
 
 import torch
 
+CPU_BATCH_TOKENS = 2048
+OTHER_BATCH_TOKENS = 8192
+
+
+def default_batch_tokens(device: torch.device | str) -> int:
+    """Token budget of one forward when none is configured.
+
+    CPU: 2,048. Small batches keep a layer's activations in cache. Measured with sieve-embed on 128 SciFact
+    abstracts (256 tokens), float32, 2 AMD EPYC threads: 27.3 s at 8,192 tokens a batch, 23.1 s at 4,096, 19.6 s at
+    2,048, 19.7 s at 1,024. all-MiniLM-L6-v2 on the same texts: 4.9 s -> 4.1 s. Other devices: 8,192 (not tuned).
+    """
+    return CPU_BATCH_TOKENS if torch.device(device).type == "cpu" else OTHER_BATCH_TOKENS
+
 
 def collate(items: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, ...]:
     """[(ids, pool_flags)] -> ids [B, T], attention mask [B, T], pool mask [B, T], right-padded."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .batching import collate, token_budget_batches
+from .batching import collate, default_batch_tokens, token_budget_batches
 from .encoders import Encoder
 from .pooling import POOLING_MODES, pool
 from .precision import PRECISIONS, Int8Ranges, to_binary
@@ -19,12 +19,13 @@ from .precision import PRECISIONS, Int8Ranges, to_binary
 
 class Embedder:
     def __init__(self, encoder: Encoder, *, query_instruction: str = "", document_instruction: str = "",
-                 calibration: np.ndarray | None = None, batch_tokens: int = 8192):
+                 calibration: np.ndarray | None = None, batch_tokens: int | None = None):
         self.encoder = encoder
         self.query_instruction = query_instruction
         self.document_instruction = document_instruction
         self.calibration = calibration  # raw pooled embeddings [n, dim] for int8 ranges
-        self.batch_tokens = batch_tokens
+        # texts x longest per forward; default by device (`batching.default_batch_tokens`)
+        self.batch_tokens = batch_tokens or default_batch_tokens(encoder.device)
         self._ranges: dict[tuple[int, bool], Int8Ranges] = {}
 
     @property

@@ -53,6 +53,7 @@ class TrainConfig:
     seed: int = 0
     save_every: int = 25
     max_length: int = 512  # recorded in the shipped config for inference
+    init_adapter: Path | None = None  # start from this adapter.safetensors (e.g. a shipped run) instead of zeros
 
 
 def mine_hard_negatives(pairs: list[Pair], corpus: dict[str, str], k: int = 30, seed: int = 0) -> list[Pair]:
@@ -87,7 +88,7 @@ def lora_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def train(cfg: TrainConfig, *, home: Path, device: str = "auto", progress: bool = True) -> dict:
     from peft import LoraConfig, inject_adapter_in_model
-    from safetensors.torch import save_file
+    from safetensors.torch import load_file, save_file
     from sieve.backbone import load_backbone
 
     from sieve.registry import resolve_backbone
@@ -111,6 +112,8 @@ def train(cfg: TrainConfig, *, home: Path, device: str = "auto", progress: bool 
     teacher = _load_teacher(cfg, home) if cfg.distill_weight > 0 else None
     start, history = 0, []
     ckpt = cfg.out / "checkpoint.pt"
+    if cfg.init_adapter is not None and not ckpt.is_file():
+        load_lora_state(model, load_file(str(cfg.init_adapter)))
     if ckpt.is_file():
         state = torch.load(ckpt, weights_only=False)
         model.load_state_dict(state["lora"], strict=False)
@@ -184,6 +187,23 @@ def calibrate_and_save(folder: Path, data_root: Path, *, home: Path, n: int = 25
     emb = load_embedder(folder, home=home, device="cpu", dtype="float32")
     emb.calibrate(texts)
     save_calibration(folder, emb.calibration)
+
+
+def load_lora_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """The inverse of `lora_state`: our `x.lora_A` tensors into peft's `x.lora_A.default.weight` parameters (the
+    same r and targets, or a clear error)."""
+    params = dict(model.named_parameters())
+    wanted = {n for n in params if ".lora_A." in n or ".lora_B." in n}
+    names = {f"{key}.default.weight": key for key in state}
+    if set(names) != wanted:
+        raise ValueError(f"the adapter's {len(state)} LoRA tensors do not match this model's {len(wanted)} "
+                         "(different targets or layers)")
+    with torch.no_grad():
+        for name, key in names.items():
+            if params[name].shape != state[key].shape:
+                raise ValueError(f"{key}: adapter {tuple(state[key].shape)} vs model {tuple(params[name].shape)} "
+                                 "(a different LoRA r?)")
+            params[name].copy_(state[key])
 
 
 def lora_state_dict_peft(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -47,7 +47,8 @@ class InfoServicer(info_pb2_grpc.InfoServiceServicer):
                 name=name, dim=emb.dim, max_length=emb.max_length, default_pooling=emb.encoder.default_pooling,
                 query_instruction=emb.query_instruction, document_instruction=emb.document_instruction, loaded=True,
                 int8_calibrated=emb.calibration is not None))
-        limits = info_pb2.Limits(max_texts_per_request=s.max_texts_per_request, max_batch_tokens=s.max_batch_tokens,
+        limits = info_pb2.Limits(max_texts_per_request=s.max_texts_per_request,
+                                 max_batch_tokens=self.state.batcher.max_batch_tokens,
                                  max_queued_texts=s.max_queued_texts, max_message_bytes=s.max_message_bytes,
                                  max_k=s.max_k, max_documents_per_upsert=s.max_documents_per_upsert,
                                  max_rerank_passages=s.max_rerank_passages,

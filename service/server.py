@@ -24,6 +24,8 @@ from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
+from sieve.backbone.loader import resolve_device
+from sieve.embedder.batching import default_batch_tokens
 from sieve_client._proto import (
     answer_pb2,
     answer_pb2_grpc,
@@ -151,7 +153,8 @@ def create_server(settings, *, models: ModelPool | None = None, engine=None, ind
     settings' reranker and REFRAG model (loaded on first use), `engine` (the store) to none: a server without a
     database serves embeddings, Rerank and Answer over sent passages only (store RPCs answer UNIMPLEMENTED)."""
     metrics = Metrics()
-    batcher = Batcher(max_batch_tokens=settings.max_batch_tokens, max_queued_texts=settings.max_queued_texts,
+    batch_tokens = settings.max_batch_tokens or default_batch_tokens(resolve_device(settings.device))
+    batcher = Batcher(max_batch_tokens=batch_tokens, max_queued_texts=settings.max_queued_texts,
                       runner=runner, metrics=metrics)
     state = ServerState(settings=settings, models=models or ModelPool.from_settings(settings), batcher=batcher,
                         metrics=metrics, engine=engine,

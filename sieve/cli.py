@@ -231,6 +231,8 @@ def train_embedder(
     scifact_weight: Annotated[float, typer.Option(help="share of batches from SciFact train")] = 0.6,
     medquad_weight: Annotated[float, typer.Option(help="share of batches from MedQuAD")] = 0.4,
     seed: int = 0,
+    init_adapter: Annotated[Path | None, typer.Option(
+        help="start from this adapter.safetensors (same r) instead of a fresh LoRA")] = None,
 ) -> None:
     """Train the sieve-embed LoRA adapter (resumes from OUT/checkpoint.pt), then calibrate int8 ranges."""
     from sieve.embedder.train import TrainConfig, calibrate_and_save, train
@@ -239,7 +241,7 @@ def train_embedder(
     data = data or settings.data_path()
     cfg = TrainConfig(out=out, data_root=data, steps=steps, batch_size=batch_size, hard_negatives=hard_negatives,
                       lr=lr, lora_r=lora_r, lora_alpha=lora_alpha, temperature=temperature, max_doc_len=max_doc_len,
-                      distill_weight=distill_weight, seed=seed,
+                      distill_weight=distill_weight, seed=seed, init_adapter=init_adapter,
                       sources={k: v for k, v in {"scifact-train": scifact_weight, "medquad": medquad_weight}.items()
                                if v > 0})
     summary = train(cfg, home=settings.home / "cache", device=settings.device)

@@ -14,7 +14,7 @@ from sieve.embedder import (
     pool,
     rescore,
 )
-from sieve.embedder.batching import token_budget_batches
+from sieve.embedder.batching import default_batch_tokens, token_budget_batches
 from torch.testing import assert_close
 
 from .tiny_files import write_tiny_gguf
@@ -144,6 +144,12 @@ def test_token_budget_batches_sorted_within_budget_and_complete():
         assert len(b) == 1 or len(b) * max(lengths[i] for i in b) <= 100
     flat = [lengths[i] for b in batches for i in b]
     assert flat == sorted(flat, reverse=True)
+
+
+def test_batch_budget_defaults_by_device(backbone, embedder):
+    assert default_batch_tokens("cpu") == 2048 and default_batch_tokens(torch.device("cuda", 1)) == 8192
+    assert embedder.batch_tokens == 2048  # the fixture's encoder is on the CPU
+    assert Embedder(embedder.encoder, batch_tokens=300).batch_tokens == 300
 
 
 def test_int8_ranges_fit_trims_outliers():

@@ -1,12 +1,13 @@
 """A trained LoRA adapter merged at load gives the same outputs as the peft-wrapped model it came from."""
 
 import numpy as np
+import pytest
 import torch
 from safetensors.torch import save_file
 from sieve.backbone import load_backbone
 from sieve.embedder import load_embedder
 from sieve.embedder.model_dir import ADAPTER, LORA_TARGETS, EmbedderConfig
-from sieve.embedder.train import _embed, lora_state
+from sieve.embedder.train import _embed, load_lora_state, lora_state
 
 from .tiny_files import write_tiny_gguf
 
@@ -41,3 +42,31 @@ def test_saved_adapter_merges_to_the_trained_model(tmp_path):
     base = load_backbone(gguf, home=home, device="cpu", dtype="float32")  # the cache itself is untouched
     ids = torch.tensor([[5, 6, 7]])
     assert not torch.allclose(base.model(ids).logits, emb.encoder.backbone.model(ids).logits)
+
+
+def test_saved_adapter_loads_back_for_further_training(tmp_path):
+    """`--init-adapter`: a shipped adapter goes back into a fresh peft model exactly; a different r is refused."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    gguf = tmp_path / "tiny.gguf"
+    write_tiny_gguf(gguf)
+    home = tmp_path / "home"
+
+    def fresh(r):
+        bb = load_backbone(gguf, home=home, device="cpu", dtype="float32")
+        return inject_adapter_in_model(LoraConfig(r=r, lora_alpha=8, target_modules=LORA_TARGETS), bb.model)
+
+    trained = fresh(4)
+    with torch.no_grad():
+        for name, p in trained.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.05)
+    saved = lora_state(trained)
+    again = fresh(4)
+    assert not torch.equal(lora_state(again)["layers.0.attention.wqkv.lora_B"], saved["layers.0.attention.wqkv.lora_B"])
+    load_lora_state(again, saved)
+    assert all(torch.equal(lora_state(again)[k], v) for k, v in saved.items())
+    ids = torch.tensor([[5, 6, 7, 8]])
+    assert torch.allclose(again(ids).logits, trained(ids).logits)
+    with pytest.raises(ValueError, match="different LoRA r"):
+        load_lora_state(fresh(2), saved)

@@ -107,6 +107,15 @@ def server(tmp_path, embedder):
     running.stop()
 
 
+def test_configured_batch_budget_reaches_the_batcher(tmp_path, embedder):
+    running = Running(settings_for(tmp_path, max_batch_tokens=512),
+                      models=ModelPool.preloaded({"tiny": embedder}, default="tiny"))
+    try:
+        assert running.server.state.batcher.max_batch_tokens == 512
+    finally:
+        running.stop()
+
+
 def test_embed_through_the_server_equals_encode(server, embedder):
     with server.client() as c:
         got = c.embed(TEXTS)
@@ -147,6 +156,7 @@ def test_tokenize_and_info(server, embedder):
     assert len(toks[0].pieces) == len(ids)
     assert info.default_model == "tiny" and info.models[0].dim == 64 and info.models[0].int8_calibrated
     assert info.limits["max_texts_per_request"] == 16 and info.auth_enabled is False
+    assert info.limits["max_batch_tokens"] == 2048  # unset: the CPU default the batcher runs with
 
 
 def _raw_embed(target, request, **kw):
