@@ -112,8 +112,6 @@ def train(cfg: TrainConfig, *, home: Path, device: str = "auto", progress: bool 
     teacher = _load_teacher(cfg, home) if cfg.distill_weight > 0 else None
     start, history = 0, []
     ckpt = cfg.out / "checkpoint.pt"
-    if cfg.init_adapter is not None and not ckpt.is_file():
-        load_lora_state(model, load_file(str(cfg.init_adapter)))
     if ckpt.is_file():
         state = torch.load(ckpt, weights_only=False)
         model.load_state_dict(state["lora"], strict=False)
@@ -122,6 +120,8 @@ def train(cfg: TrainConfig, *, home: Path, device: str = "auto", progress: bool 
         start, history = state["step"], state["history"]
         random.setstate(state["py_rng"])
         torch.set_rng_state(state["torch_rng"])
+    elif cfg.init_adapter is not None:  # a fresh run that starts from an earlier adapter (a resume ignores it)
+        load_lora_state(model, load_file(str(cfg.init_adapter)))
 
     amp = torch.autocast(device_type=backbone.device.type, dtype=getattr(torch, cfg.dtype),
                          enabled=cfg.dtype != "float32")
