@@ -6,10 +6,13 @@ same per-passage cap (the one the full prompt needs for that many passages), so 
 Timing is interleaved (full, sliding, first, full, ...) per size; tokens processed = prefill tokens (all windows
 for sliding, the id trie for first) + decoded tokens. Constrained decoding runs jump-forward (forced tokens ride
 along with a sampled one); `--stepwise` adds `full-stepwise` and `sliding-stepwise` rows, one forward per token, to
-measure what jump-forward saves. Writes bench/results/reranker-speed.json (+ .png).
+measure what jump-forward saves. `--top-k 10` adds `full@10` and `sliding@10` rows: the same rankers asked for the
+top 10 only (what nDCG@10 and a search page need): full ranking then decodes 10 ids after its one prefill, the
+sliding window still reads every window and decodes each one's top 10 (what the next window and the final top 10
+need); their top 10 are exactly those of the complete rankings. Writes bench/results/reranker-speed.json (+ .png).
 
     python bench/reranker.py [--sizes 20,50,100] [--queries 1] [--repeat 1] [--threads 2] [--device cpu]
-                             [--window 20 --stride 10] [--stepwise] [--no-pack]
+                             [--dtype auto] [--window 20 --stride 10] [--stepwise] [--top-k 10] [--no-pack]
 """
 
 from __future__ import annotations
@@ -35,14 +38,22 @@ MODES = ("full", "sliding", "first")
 STEPWISE = "-stepwise"  # suffix of the rows decoded one forward per token
 
 
+def row_label(mode: str, top_k: int | None) -> str:
+    return f"{mode}@{top_k}" if top_k else mode
+
+
+def base_mode(label: str) -> str:
+    return label.removesuffix(STEPWISE).split("@")[0]
+
+
 def measure(rerankers: dict, query: str, texts: list[str], repeat: int, sync) -> dict[str, dict]:
-    """Median seconds and the stats of each row (label -> (reranker, mode)), repetitions interleaved."""
+    """Median seconds and the stats of each row (label -> (reranker, mode, top_k)), repetitions interleaved."""
     times: dict[str, list[float]] = {label: [] for label in rerankers}
     stats = {}
     for _ in range(repeat):
-        for label, (reranker, mode) in rerankers.items():
+        for label, (reranker, mode, top_k) in rerankers.items():
             t0 = time.perf_counter()
-            res = reranker.rank(query, texts, mode=mode)
+            res = reranker.rank(query, texts, mode=mode, top_k=top_k)
             sync()
             times[label].append(time.perf_counter() - t0)
             stats[label] = res.stats
@@ -63,6 +74,7 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=20, help="sliding window (the baseline is 20, stride 10)")
     ap.add_argument("--stride", type=int, default=10)
     ap.add_argument("--stepwise", action="store_true", help="also full and sliding without jump-forward decoding")
+    ap.add_argument("--top-k", type=int, default=None, help="also full and sliding asked for the top k only")
     ap.add_argument("--no-pack", action="store_true", help="plain nn.Linear weights (the service packs float32 "
                     "linears for oneDNN on the CPU, backbone.runtime.apply_speed_options)")
     args = ap.parse_args()
@@ -71,30 +83,32 @@ def main() -> None:
     reranker = load_reranker(args.model, home=settings.home / "cache", device=args.device, dtype=args.dtype)
     reranker.window, reranker.stride = args.window, args.stride
     apply_speed_options(reranker.backbone.model, pack=not args.no_pack)  # as the service runs it
-    rows_to_run = {mode: (reranker, mode) for mode in MODES}
+    rows_to_run = {mode: (reranker, mode, None) for mode in MODES}
+    if args.top_k:
+        rows_to_run |= {row_label(mode, args.top_k): (reranker, mode, args.top_k) for mode in ("full", "sliding")}
     if args.stepwise:
         stepwise = copy.copy(reranker)
         stepwise.jump_forward = False
-        rows_to_run |= {f"{mode}{STEPWISE}": (stepwise, mode) for mode in ("full", "sliding")}
+        rows_to_run |= {f"{mode}{STEPWISE}": (stepwise, mode, None) for mode in ("full", "sliding")}
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     ds = load_retrieval_set(settings.data_path(), "trec-dl-2019")
     qids = sorted(ds.candidates)[: args.queries]
     sizes = [int(s) for s in args.sizes.split(",")]
     for _ in range(args.warmup):
         q = qids[0]
-        for r, mode in rows_to_run.values():
-            r.rank(ds.queries[q], [ds.corpus[d] for d in ds.candidates[q][: min(sizes)]], mode=mode)
+        for r, mode, top_k in rows_to_run.values():
+            r.rank(ds.queries[q], [ds.corpus[d] for d in ds.candidates[q][: min(sizes)]], mode=mode, top_k=top_k)
 
     rows = []
     for n in sizes:
         per_query = [measure(rows_to_run, ds.queries[q], [ds.corpus[d] for d in ds.candidates[q][:n]], args.repeat,
                              sync) for q in qids]
-        sliding_s = statistics.mean(r["sliding"]["seconds"] for r in per_query)
-        for mode in rows_to_run:
+        for mode, (_, _, top_k) in rows_to_run.items():
+            sliding_s = statistics.mean(r[row_label("sliding", top_k)]["seconds"] for r in per_query)
             seconds = statistics.mean(r[mode]["seconds"] for r in per_query)
             st = [r[mode]["stats"] for r in per_query]
             rows.append({
-                "system": reranker.name, "mode": mode, "passages": n, "queries": len(qids),
+                "system": reranker.name, "mode": mode, "passages": n, "queries": len(qids), "top_k": top_k,
                 "window": f"{args.window}/{args.stride}" if mode.startswith("sliding") else "",
                 "device": device_name(args.device), "dtype": str(reranker.backbone.dtype).removeprefix("torch."),
                 "weights": "plain" if args.no_pack else "oneDNN-packed where float32 on CPU",
@@ -137,8 +151,8 @@ def plot(rows: list[dict], path: Path, device: str) -> None:
     modes = list(dict.fromkeys(r["mode"] for r in rows))
     for mode in modes:
         mine = [next(r for r in rows if r["passages"] == n and r["mode"] == mode) for n in sizes]
-        style = dict(marker="o", color=f"C{MODES.index(mode.removesuffix(STEPWISE))}", label=mode,
-                     linestyle="--" if mode.endswith(STEPWISE) else "-")
+        style = dict(marker="o" if "@" not in mode else "s", color=f"C{MODES.index(base_mode(mode))}", label=mode,
+                     linestyle="--" if mode.endswith(STEPWISE) else ":" if "@" in mode else "-")
         axes[0].plot(sizes, [r["seconds"] for r in mine], **style)
         if not mode.endswith(STEPWISE):
             axes[1].plot(sizes, [r["tokens_processed"] for r in mine], **style)

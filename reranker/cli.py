@@ -47,7 +47,7 @@ def rerank(
                                                    "with a 'text' field")] = None,
     mode: Annotated[str, typer.Option(help="full (one pass), first (first-token logits), sliding (window 20, "
                                            "stride 10)")] = "full",
-    top_k: Annotated[int | None, typer.Option(min=1, help="return (and, in full mode, decode) only the top k")] = None,
+    top_k: Annotated[int | None, typer.Option(min=1, help="return (and decode) only the top k")] = None,
     model: Annotated[str, typer.Option(help="sieve-rank or a reranker folder (local; a server uses its own)")] = (
         "sieve-rank"),
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
@@ -170,6 +170,9 @@ def eval_reranker(
     depth: Annotated[int, typer.Option(min=1, help="first-stage candidates reranked per query")] = 100,
     queries: Annotated[int | None, typer.Option(min=1, help="only the first N judged queries (sorted ids)")] = None,
     unconstrained: Annotated[bool, typer.Option(help="also decode full rankings without the constraint")] = False,
+    top_k: Annotated[int | None, typer.Option(
+        min=1, help="full and sliding decode only the top k (the rest keep first-stage order); k=10 gives the "
+                    "complete rankings' nDCG@10")] = None,
     data: Annotated[Path | None, typer.Option(help="the shared data folder (default: SIEVE_DATA_DIR)")] = None,
     dtype: Annotated[str | None, typer.Option(help="backbone dtype (default SIEVE_DTYPE)")] = None,
     name: Annotated[str, typer.Option(help="results file bench/results/NAME.json")] = "reranker-eval",
@@ -186,7 +189,7 @@ def eval_reranker(
     for row in evaluate(reranker, dataset or ["scifact", "trec-dl-2019"], data_root=data or settings.data_path(),
                         home=settings.home / "cache", device=settings.device, dtype=dtype or settings.dtype,
                         first_stages=tuple(first_stage or ["bm25"]), modes=modes, depth=depth, queries=queries,
-                        unconstrained=unconstrained, console=err):
+                        unconstrained=unconstrained, top_k=top_k, console=err):
         rows.append(row)
         out = write_eval(name, rows)  # after every row: a long run never loses what it measured
     table = Table(title="reranking quality")

@@ -6,6 +6,10 @@ seconds and tokens processed per query, and for decoded modes the wrong-format, 
 (share of decoded answers with that fault, read back from the answer text by `parse_permutation`, independent
 of the constraint that produced it: they must be 0). `unconstrained` adds full ranking decoded greedily *without*
 the constraint (answers repaired rank_llm-style), to show what the constraint prevents.
+
+`top_k`: full and sliding decode only what the top k needs (listwise.py) and the rest of the candidates keep their
+first-stage order below them; with k = 10 the nDCG@10 is that of complete rankings (greedy decoding: the same top
+10, tested), at a fraction of the decoding. A partial answer is "missing" when it lists fewer ids than asked.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ def unconstrained_full(reranker: Reranker, query: str, passages: list[str]):
 def evaluate(reranker: Reranker, datasets: list[str], *, data_root: Path, home: Path, device: str, dtype: str,
              first_stages: tuple[str, ...] = ("bm25",), modes: tuple[str, ...] = MODES, depth: int = 100,
              queries: int | None = None, unconstrained: bool = False, split: str = "test",
-             console=None) -> Iterator[dict]:
+             top_k: int | None = None, console=None) -> Iterator[dict]:
     """One row per (dataset, first stage, system), yielded as soon as it is measured."""
     from rich.progress import Progress
     from sieve.embedder.data import RetrievalSet, load_retrieval_set
@@ -63,7 +67,8 @@ def evaluate(reranker: Reranker, datasets: list[str], *, data_root: Path, home: 
             t0 = time.perf_counter()
             base = first_stage_run(ds, stage, depth=depth, home=home, device=device, dtype=dtype, console=console)
             stage_seconds = time.perf_counter() - t0  # includes indexing the corpus (BM25) or encoding it (dense)
-            common = {"dataset": name, "split": split, "first_stage": stage, "queries": len(qids), "passages": depth}
+            common = {"dataset": name, "split": split, "first_stage": stage, "queries": len(qids), "passages": depth,
+                      **({"top_k": top_k} if top_k else {})}
             yield {"system": stage, "mode": "first-stage", **common, "ndcg@10": round(score(ds, base)["ndcg@10"], 4),
                    "seconds_per_query": round(stage_seconds / max(len(qids), 1), 4)}
             ranked = {q: [d for d, _ in sorted(base.get(q, {}).items(), key=lambda x: -x[1])] for q in qids}
@@ -85,19 +90,22 @@ def evaluate(reranker: Reranker, datasets: list[str], *, data_root: Path, home: 
                             tokens += used
                             parsed_all = [parsed] if parsed else []
                         else:
-                            res = reranker.rank(ds.queries[q], texts, mode=mode)
+                            res = reranker.rank(ds.queries[q], texts, mode=mode, top_k=top_k)
                             order, tokens = res.order, tokens + res.stats.tokens_processed
                             caps.append(res.stats.passage_cap)
-                            sizes = _answer_sizes(reranker, len(docs), mode)
-                            parsed_all = [parse_permutation(a, s) for a, s in zip(res.answers, sizes)]
+                            parsed_all = [parse_permutation(a, size, expected=k)
+                                          for a, (size, k) in zip(res.answers, res.answer_shapes)]
                         seconds += time.perf_counter() - t
                         for p in parsed_all:
                             answers += 1
                             faults["wrong_format"] += p.wrong_format
                             faults["repeated"] += p.repeated > 0
                             faults["missing"] += p.missing > 0
-                        # reranked top-`depth`, then the rest of the first stage (if it returned more) below it
-                        kept = [docs[i] for i in order] + ranked[q][depth:]
+                        # reranked top-`depth` (with top_k: its top k, then the others in first-stage order), then
+                        # the rest of the first stage (if it returned more) below it
+                        chosen = set(order)
+                        kept = ([docs[i] for i in order] + [d for i, d in enumerate(docs) if i not in chosen]
+                                + ranked[q][depth:])
                         run[q] = {d: float(len(kept) - r) for r, d in enumerate(kept)}
                         bar.update(task, advance=1)
                 row = {"system": f"{stage}+{reranker.name}", "mode": mode, **common,
@@ -114,14 +122,6 @@ def evaluate(reranker: Reranker, datasets: list[str], *, data_root: Path, home: 
                 if console is not None:
                     console.print(row)
                 yield row
-
-
-def _answer_sizes(reranker: Reranker, n: int, mode: str) -> list[int]:
-    from .listwise import sliding_windows
-
-    if mode == "sliding":
-        return [e - s for s, e in sliding_windows(n, reranker.window, reranker.stride)]
-    return [n] if mode == "full" else []
 
 
 def write_eval(name: str, rows: list[dict]) -> Path:

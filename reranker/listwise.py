@@ -9,7 +9,9 @@ what it cost). Inference only: evaluation lives in eval.py and is never imported
 - first: FIRST scoring (first.py), one forward; scores are log-probabilities.
 - sliding: RankGPT's sliding window (window 20, stride 10, back to front), each window a constrained full
   ranking of its passages with the *same per-passage cap as the full prompt would use* for this list, so the two
-  strategies see the same text and differ only in how they spend the context.
+  strategies see the same text and differ only in how they spend the context. `top_k`: each window decodes only
+  the ids that still matter (`window_ids_needed`: the ones carried into the next window, and final places above
+  k), so the top k are exactly those of the complete sliding ranking, at a fraction of the decoding.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class RankResult:
     mode: str
     stats: RankStats = field(default_factory=RankStats)
     answers: list[str] = field(default_factory=list)  # decoded answer text of each constrained decode
+    answer_shapes: list[tuple[int, int]] = field(default_factory=list)  # (ids listed in its prompt, ids asked for)
 
 
 def sliding_windows(n: int, window: int = 20, stride: int = 10) -> list[tuple[int, int]]:
@@ -100,7 +103,8 @@ class Reranker:
             stats.passage_cap, stats.truncated = prompt.passage_cap, prompt.truncated
             if mode == "full":
                 order, answer = self._decode(prompt.ids, n, top_k, stats)
-                result = RankResult(order, [float(n - r) for r in range(len(order))], mode, stats, [answer])
+                result = RankResult(order, [float(n - r) for r in range(len(order))], mode, stats, [answer],
+                                    [(n, len(order))])
             else:
                 scores = first_scores(self.backbone.model, prompt.ids, self.ids, n)
                 stats.prompt_tokens += len(prompt.ids) + len(self.ids.first_open) + _trie_size(self.ids, n)
@@ -137,18 +141,31 @@ class Reranker:
         except PromptTooLong:
             cap = None  # too many for one pass: each window gets its own cap
         order = list(range(n))
-        answers, caps = [], []
+        answers, shapes, caps = [], [], []
         for start, end in sliding_windows(n, self.window, self.stride):
+            need = window_ids_needed(start, end, self.stride, top_k or n)
+            if need == 0:
+                continue
             window = order[start:end]
             prompt = self.prompts.build(query, [p_ids[i] for i in window], cap=cap)
             caps.append(prompt.passage_cap)
-            ranked, answer = self._decode(prompt.ids, len(window), None, stats)
-            order[start:end] = [window[i] for i in ranked]
+            ranked, answer = self._decode(prompt.ids, len(window), need, stats)
+            chosen = set(ranked)
+            order[start:end] = [window[i] for i in ranked] + [j for i, j in enumerate(window) if i not in chosen]
             answers.append(answer)
+            shapes.append((len(window), need))
         stats.passage_cap = min(caps)
         stats.truncated = sum(len(p) > stats.passage_cap for p in p_ids)
         order = order[: top_k or n]
-        return RankResult(order, [float(n - r) for r in range(len(order))], "sliding", stats, answers)
+        return RankResult(order, [float(n - r) for r in range(len(order))], "sliding", stats, answers, shapes)
+
+
+def window_ids_needed(start: int, end: int, stride: int, k: int) -> int:
+    """How many ids the window over positions [start, end) must decode for the final top `k` to be exact: those
+    carried into the next window (positions [start, end - stride), re-ranked there as a set) and those whose places
+    are final and above k. The rest keep their order; a window with none to decode is skipped."""
+    carry = max(0, end - stride - start) if start > 0 else 0
+    return max(0, min(end - start, max(carry, k - start)))
 
 
 def _trie_size(ids: IdTokens, n: int) -> int:

@@ -250,9 +250,10 @@ _ID = re.compile(r"\[(\d+)\]")
 _FORMAT = re.compile(r"\s*\[\d+\](\s*>\s*\[\d+\])*\s*")
 
 
-def parse_permutation(text: str, n: int) -> ParsedPermutation:
+def parse_permutation(text: str, n: int, expected: int | None = None) -> ParsedPermutation:
     """Read a ranking answer *without* constraints (for measuring what unconstrained decoding would break):
-    rank_llm's receive_permutation (parse, dedupe, append missing in input order), with counts of each fault."""
+    rank_llm's receive_permutation (parse, dedupe, append missing in input order), with counts of each fault.
+    `expected`: the answer was asked for its top `expected` ids only; `missing` counts those it lacks."""
     numbers = [int(m) for m in _ID.findall(text)]
     seen: list[int] = []
     repeated_ids: set[int] = set()
@@ -266,7 +267,8 @@ def parse_permutation(text: str, n: int) -> ParsedPermutation:
             seen.append(x)
     missing = [i for i in range(1, n + 1) if i not in seen]
     wrong = _FORMAT.fullmatch(text) is None or unknown > 0
-    return ParsedPermutation([i - 1 for i in seen + missing], wrong, len(repeated_ids), len(missing), unknown)
+    lacking = len(missing) if expected is None else max(0, min(expected, n) - len(seen))
+    return ParsedPermutation([i - 1 for i in seen + missing], wrong, len(repeated_ids), lacking, unknown)
 
 
 def _find(seq: list[int], sub: list[int]) -> int | None:

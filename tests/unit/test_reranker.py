@@ -17,6 +17,7 @@ from sieve.reranker import (
     sliding_windows,
 )
 from sieve.reranker.first import first_scores
+from sieve.reranker.listwise import window_ids_needed
 from sieve.reranker.model_dir import RerankerConfig, resolve_reranker
 from torch.testing import assert_close
 
@@ -144,6 +145,9 @@ def test_parse_permutation_counts_faults():
     assert parse_permutation("Sure! [2] > [1]", 2).wrong_format
     clean = parse_permutation("[2] > [1]", 2)
     assert (clean.wrong_format, clean.repeated, clean.missing, clean.order) == (False, 0, 0, [1, 0])
+    top = parse_permutation("[3] > [1]", 5, expected=2)  # a top-2 answer lacks nothing
+    assert (top.wrong_format, top.missing, top.order) == (False, 0, [2, 0, 1, 3, 4])
+    assert parse_permutation("[3]", 5, expected=2).missing == 1
 
 
 # -------------------------------------------------------------------------------------- ranking end to end
@@ -236,6 +240,34 @@ def test_budget_shrinks_with_n_then_errors_clearly(small_context):
 def test_sliding_equals_full_within_one_window(reranker):
     ps = passages(15)
     assert reranker.rank("q", ps, mode="sliding").order == reranker.rank("q", ps, mode="full").order
+
+
+@pytest.mark.parametrize("k", [1, 5, 10, 12, 30, 45])
+def test_sliding_top_k_is_the_complete_rankings_top_k_with_less_decoding(reranker, k):
+    texts = passages(45, words=10, seed=5)
+    complete = reranker.rank("heart risk", texts, mode="sliding")
+    top = reranker.rank("heart risk", texts, mode="sliding", top_k=k)
+    assert top.order == complete.order[:k]
+    assert top.stats.prompt_tokens == complete.stats.prompt_tokens  # every window is still read
+    windows = sliding_windows(45)
+    assert [n for n, _ in top.answer_shapes] == [e - s for s, e in windows]
+    for answer, (n, asked) in zip(top.answers, top.answer_shapes):
+        parsed = parse_permutation(answer, n, expected=asked)
+        assert (parsed.wrong_format, parsed.repeated, parsed.missing) == (False, 0, 0)
+        assert len(answer.split(">")) == asked
+    if k < 45:
+        assert top.stats.generated_tokens < complete.stats.generated_tokens
+
+
+def test_window_ids_needed():
+    # window 20, stride 10 over 100: a window carries its top 10 on, the last one (start 0) decodes the top k
+    assert [window_ids_needed(s, e, 10, 10) for s, e in sliding_windows(100)] == [10] * 9
+    assert [window_ids_needed(s, e, 10, 100) for s, e in sliding_windows(100)] == [20] * 9
+    assert window_ids_needed(0, 20, 10, 3) == 3
+    assert window_ids_needed(80, 100, 10, 95) == 15  # places 90..94 are final and asked for
+    assert window_ids_needed(5, 25, 10, 1) == 10
+    # windows that do not overlap (stride = window): those starting at or past k are skipped
+    assert [window_ids_needed(s, e, 20, 30) for s, e in sliding_windows(100, 20, 20)] == [0, 0, 0, 10, 20]
 
 
 def test_sliding_windows_back_to_front():

@@ -1,0 +1,61 @@
+"""`sieve eval reranker` end to end on a tiny BEIR-format set and a tiny random backbone: first-stage row, every
+mode's row with zero format faults, and top_k=10 giving the complete rankings' nDCG@10 with less decoding."""
+
+import json
+
+import pytest
+from sieve.backbone import ModelArgs, load_backbone
+from sieve.reranker import Reranker
+from sieve.reranker.eval import evaluate
+
+from .tiny_files import write_tiny_gguf
+
+WORDS = "aspirin heart risk study patients cancer blood level increase effect cell protein gene".split()
+
+
+@pytest.fixture(scope="module")
+def reranker(tmp_path_factory):
+    args = ModelArgs.from_name("tiny")
+    args.max_seq_len = 4096
+    path = tmp_path_factory.mktemp("rre") / "tiny.gguf"
+    write_tiny_gguf(path, args)
+    backbone = load_backbone(path, home=tmp_path_factory.mktemp("home"), device="cpu", dtype="float32")
+    return Reranker(backbone, max_passage_tokens=24)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    folder = root / "retrieval" / "scifact"
+    (folder / "qrels").mkdir(parents=True)
+    docs = {f"d{i}": " ".join(WORDS[(i * j) % len(WORDS)] for j in range(1, 9)) for i in range(40)}
+    queries = {"q1": "aspirin heart risk", "q2": "cancer blood level", "q3": "protein gene cell"}
+    qrels = [("q1", "d3", 1), ("q1", "d7", 1), ("q2", "d11", 1), ("q3", "d20", 2), ("q3", "d5", 1)]
+    (folder / "corpus.jsonl").write_text("".join(json.dumps({"_id": k, "title": "", "text": v}) + "\n"
+                                                 for k, v in docs.items()))
+    (folder / "queries.jsonl").write_text("".join(json.dumps({"_id": k, "text": v}) + "\n"
+                                                  for k, v in queries.items()))
+    (folder / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" +
+                                               "".join(f"{q}\t{d}\t{g}\n" for q, d, g in qrels))
+    return root
+
+
+def run(reranker, data_root, tmp_path, **kw):
+    return list(evaluate(reranker, ["scifact"], data_root=data_root, home=tmp_path, device="cpu", dtype="float32",
+                         depth=25, **kw))
+
+
+def test_eval_rows_and_top_k_keeps_ndcg_at_10(reranker, data_root, tmp_path):
+    complete = run(reranker, data_root, tmp_path, modes=("sliding", "full", "first"))
+    assert [r["mode"] for r in complete] == ["first-stage", "sliding", "full", "first"]
+    assert all(r["queries"] == 3 and 0.0 <= r["ndcg@10"] <= 1.0 for r in complete)
+    for r in complete[1:3]:
+        assert (r["wrong_format_rate"], r["repetition_rate"], r["missing_rate"]) == (0.0, 0.0, 0.0)
+        assert r["answers"] == 3 * (2 if r["mode"] == "sliding" else 1)  # 25 passages: two windows
+    top = run(reranker, data_root, tmp_path, modes=("sliding", "full"), top_k=10)
+    for full_row, top_row in zip(complete[:3], top):
+        assert top_row["mode"] == full_row["mode"] and top_row["top_k"] == 10
+        assert top_row["ndcg@10"] == full_row["ndcg@10"]  # greedy decoding: the same top 10
+        if top_row["mode"] != "first-stage":
+            assert top_row["missing_rate"] == 0.0 and top_row["wrong_format_rate"] == 0.0
+            assert top_row["tokens_per_query"] < full_row["tokens_per_query"]
