@@ -145,6 +145,8 @@ def train_reranker(
     lora_alpha: float = 32.0,
     dtype: Annotated[str, typer.Option(help="autocast dtype: bfloat16 or float32")] = "bfloat16",
     seed: int = 0,
+    shuffle: Annotated[float, typer.Option(min=0.0, max=1.0, help="share of lists shown in a random order instead "
+                                                                  "of first-stage order")] = 1.0,
 ) -> None:
     """Train the sieve-rank LoRA adapter on SciFact train lists (resumes from OUT/checkpoint.pt)."""
     from .train import TrainConfig, train
@@ -155,7 +157,7 @@ def train_reranker(
     cfg = TrainConfig(out=out, data_root=data or settings.data_path(), steps=steps, batch_size=batch_size,
                       n_min=n_min, n_max=n_max, max_passage_tokens=max_passage_tokens, teacher=teacher,
                       lm_weight=lm_weight, first_weight=first_weight, lr=lr, lora_r=lora_r, lora_alpha=lora_alpha,
-                      dtype=dtype, seed=seed)
+                      dtype=dtype, seed=seed, shuffle=shuffle)
     summary = train(cfg, home=settings.home / "cache", device=settings.device)
     console.print_json(json.dumps({k: v for k, v in summary.items() if k != "config"}))
 

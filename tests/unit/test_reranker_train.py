@@ -11,7 +11,15 @@ from sieve.backbone import ModelArgs, load_backbone
 from sieve.reranker import IdTokens, PromptBuilder
 from sieve.reranker.data import RankingExample, ScifactTrainLists
 from sieve.reranker.model_dir import LORA_TARGETS, merge_lora
-from sieve.reranker.train import TrainConfig, encode_example, importance_weight, lora_state, losses, train_on
+from sieve.reranker.train import (
+    TrainConfig,
+    encode_example,
+    importance_weight,
+    lora_state,
+    losses,
+    shuffled,
+    train_on,
+)
 
 from .tiny_files import write_tiny_gguf
 
@@ -87,7 +95,7 @@ def test_losses_are_finite_and_reach_the_adapter(gguf, tmp_path):
 def test_training_learns_a_fixed_list_resumes_and_loads_back(gguf, tmp_path):
     bb = fresh_backbone(gguf, tmp_path)
     cfg = TrainConfig(out=tmp_path / "out", data_root=tmp_path, steps=16, batch_size=1, n_min=6, n_max=6, lr=1e-2,
-                      warmup=1, dtype="float32", save_every=8, max_passage_tokens=16)
+                      warmup=1, dtype="float32", save_every=8, max_passage_tokens=16, shuffle=0.0)
     saved = {}
     train_on(bb, cfg, FixedLists(), progress=False, save=lambda m: saved.update(lora_state(m)), inject=inject)
     history = json.loads((cfg.out / "train_log.json").read_text())["history"]
@@ -113,6 +121,29 @@ def write_beir(folder, docs: dict[str, str], queries: dict[str, str], qrels: lis
     (folder / "queries.jsonl").write_text("".join(json.dumps({"_id": k, "text": v}) + "\n" for k, v in queries.items()))
     (folder / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\n" +
                                                 "".join(f"{q}\t{d}\t{g}\n" for q, d, g in qrels))
+
+
+def test_shuffled_list_keeps_the_label_on_the_same_passages():
+    ex = RankingExample("q", [f"p{i}" for i in range(20)], [7, 3] + [i for i in range(20) if i not in (7, 3)], 2)
+    mixed = shuffled(ex, random.Random(0))
+    assert mixed.passages != ex.passages and sorted(mixed.passages) == sorted(ex.passages)
+    assert [mixed.passages[i] for i in mixed.order] == [ex.passages[i] for i in ex.order]
+    assert (mixed.query, mixed.positives) == ("q", 2)
+
+
+def test_training_shows_lists_shuffled(gguf, tmp_path, monkeypatch):
+    import sieve.reranker.train as train_mod
+
+    seen = []
+    real = train_mod.encode_example
+    monkeypatch.setattr(train_mod, "encode_example", lambda ex, *a: seen.append(ex) or real(ex, *a))
+    cfg = TrainConfig(out=tmp_path / "out", data_root=tmp_path, steps=3, batch_size=1, n_min=8, n_max=8,
+                      dtype="float32", max_passage_tokens=16)  # shuffle=1.0: the default
+    train_on(fresh_backbone(gguf, tmp_path), cfg, FixedLists(), progress=False, save=lambda m: None, inject=inject)
+    plain = FixedLists().example("q1", 8, None)
+    assert len(seen) == 3 and all(ex.passages != plain.passages for ex in seen)
+    for ex in seen:  # the label still puts the same passages first: plain's order is reversed
+        assert [ex.passages[i] for i in ex.order] == [plain.passages[i] for i in plain.order]
 
 
 def test_complete_labels_put_train_positives_first(tmp_path):
