@@ -1,14 +1,12 @@
 """`sieve eval reranker` end to end on a tiny BEIR-format set and a tiny random backbone: first-stage row, every
 mode's row with zero format faults, and top_k=10 giving the complete rankings' nDCG@10 with less decoding."""
 
-import json
-
 import pytest
 from sieve.backbone import ModelArgs, load_backbone
 from sieve.reranker import Reranker
 from sieve.reranker.eval import evaluate
 
-from .tiny_files import write_tiny_gguf
+from .tiny_files import write_beir, write_tiny_gguf
 
 WORDS = "aspirin heart risk study patients cancer blood level increase effect cell protein gene".split()
 
@@ -26,17 +24,10 @@ def reranker(tmp_path_factory):
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
-    folder = root / "retrieval" / "scifact"
-    (folder / "qrels").mkdir(parents=True)
     docs = {f"d{i}": " ".join(WORDS[(i * j) % len(WORDS)] for j in range(1, 9)) for i in range(40)}
     queries = {"q1": "aspirin heart risk", "q2": "cancer blood level", "q3": "protein gene cell"}
     qrels = [("q1", "d3", 1), ("q1", "d7", 1), ("q2", "d11", 1), ("q3", "d20", 2), ("q3", "d5", 1)]
-    (folder / "corpus.jsonl").write_text("".join(json.dumps({"_id": k, "title": "", "text": v}) + "\n"
-                                                 for k, v in docs.items()))
-    (folder / "queries.jsonl").write_text("".join(json.dumps({"_id": k, "text": v}) + "\n"
-                                                  for k, v in queries.items()))
-    (folder / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" +
-                                               "".join(f"{q}\t{d}\t{g}\n" for q, d, g in qrels))
+    write_beir(root / "retrieval" / "scifact", docs, queries, qrels, split="test")
     return root
 
 

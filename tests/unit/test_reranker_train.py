@@ -21,7 +21,7 @@ from sieve.reranker.train import (
     train_on,
 )
 
-from .tiny_files import write_tiny_gguf
+from .tiny_files import write_beir, write_tiny_gguf
 
 
 @pytest.fixture(scope="module")
@@ -112,15 +112,6 @@ def test_training_learns_a_fixed_list_resumes_and_loads_back(gguf, tmp_path):
     before = plain.model.layers[0].attention.wqkv.weight.clone()
     assert merge_lora(plain.model, saved, 8 / 4) == 4 * plain.args.n_layers
     assert not torch.equal(before, plain.model.layers[0].attention.wqkv.weight)
-
-
-def write_beir(folder, docs: dict[str, str], queries: dict[str, str], qrels: list[tuple[str, str, int]]):
-    (folder / "qrels").mkdir(parents=True)
-    (folder / "corpus.jsonl").write_text("".join(json.dumps({"_id": k, "title": "", "text": v}) + "\n"
-                                                 for k, v in docs.items()))
-    (folder / "queries.jsonl").write_text("".join(json.dumps({"_id": k, "text": v}) + "\n" for k, v in queries.items()))
-    (folder / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\n" +
-                                                "".join(f"{q}\t{d}\t{g}\n" for q, d, g in qrels))
 
 
 def test_shuffled_list_keeps_the_label_on_the_same_passages():
