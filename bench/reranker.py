@@ -4,15 +4,18 @@ same model on the same candidates, in one run, for 20, 50 and 100 passages.
 Candidates: the shipped BM25 top-100 of the first --queries TREC DL19 queries (real passages). Every mode gets the
 same per-passage cap (the one the full prompt needs for that many passages), so the strategies see the same text.
 Timing is interleaved (full, sliding, first, full, ...) per size; tokens processed = prefill tokens (all windows
-for sliding, the id trie for first) + decoded tokens. Constrained decoding runs jump-forward (forced tokens ride
-along with a sampled one); `--stepwise` adds `full-stepwise` and `sliding-stepwise` rows, one forward per token, to
-measure what jump-forward saves. `--top-k 10` adds `full@10` and `sliding@10` rows: the same rankers asked for the
+for sliding, the id trie for first) + decoded tokens. Constrained decoding is speculative (reranker/speculative.py:
+the rest of the answer drafted in prompt order and checked in one forward; forced tokens ride along), for full and
+sliding alike; `--plain` adds `full-plain` and `sliding-plain` rows, one forward per id digit (jump-forward only),
+to measure what the drafts save, and `--stepwise` rows of one forward per token. `--top-k 10` adds `full@10`
+and `sliding@10` rows: the same rankers asked for the
 top 10 only (what nDCG@10 and a search page need): full ranking then decodes 10 ids after its one prefill, the
 sliding window still reads every window and decodes each one's top 10 (what the next window and the final top 10
 need); their top 10 are exactly those of the complete rankings. Writes bench/results/reranker-speed.json (+ .png).
 
     python bench/reranker.py [--sizes 20,50,100] [--queries 1] [--repeat 1] [--threads 2] [--device cpu]
-                             [--dtype auto] [--window 20 --stride 10] [--stepwise] [--top-k 10] [--no-pack]
+                             [--dtype auto] [--window 20 --stride 10] [--plain] [--stepwise] [--top-k 10]
+                             [--no-pack]
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from sieve.settings import Settings  # noqa: E402
 
 MODES = ("full", "sliding", "first")
 STEPWISE = "-stepwise"  # suffix of the rows decoded one forward per token
+PLAIN = "-plain"  # suffix of the rows decoded one forward per id digit (jump-forward, no drafts)
 
 
 def row_label(mode: str, top_k: int | None) -> str:
@@ -43,7 +47,7 @@ def row_label(mode: str, top_k: int | None) -> str:
 
 
 def base_mode(label: str) -> str:
-    return label.removesuffix(STEPWISE).split("@")[0]
+    return label.removesuffix(STEPWISE).removesuffix(PLAIN).split("@")[0]
 
 
 def measure(rerankers: dict, query: str, texts: list[str], repeat: int, sync) -> dict[str, dict]:
@@ -73,7 +77,8 @@ def main() -> None:
     ap.add_argument("--name", default="reranker-speed")
     ap.add_argument("--window", type=int, default=20, help="sliding window (the baseline is 20, stride 10)")
     ap.add_argument("--stride", type=int, default=10)
-    ap.add_argument("--stepwise", action="store_true", help="also full and sliding without jump-forward decoding")
+    ap.add_argument("--stepwise", action="store_true", help="also full and sliding decoded one token a forward")
+    ap.add_argument("--plain", action="store_true", help="also full and sliding without speculative drafts")
     ap.add_argument("--top-k", type=int, default=None, help="also full and sliding asked for the top k only")
     ap.add_argument("--no-pack", action="store_true", help="plain nn.Linear weights (the service packs float32 "
                     "linears for oneDNN on the CPU, backbone.runtime.apply_speed_options)")
@@ -86,10 +91,11 @@ def main() -> None:
     rows_to_run = {mode: (reranker, mode, None) for mode in MODES}
     if args.top_k:
         rows_to_run |= {row_label(mode, args.top_k): (reranker, mode, args.top_k) for mode in ("full", "sliding")}
-    if args.stepwise:
-        stepwise = copy.copy(reranker)
-        stepwise.jump_forward = False
-        rows_to_run |= {f"{mode}{STEPWISE}": (stepwise, mode, None) for mode in ("full", "sliding")}
+    for flag, suffix, jump in ((args.plain, PLAIN, True), (args.stepwise, STEPWISE, False)):
+        if flag:
+            variant = copy.copy(reranker)
+            variant.speculative, variant.jump_forward = False, jump
+            rows_to_run |= {f"{mode}{suffix}": (variant, mode, None) for mode in ("full", "sliding")}
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     ds = load_retrieval_set(settings.data_path(), "trec-dl-2019")
     qids = sorted(ds.candidates)[: args.queries]
@@ -118,6 +124,8 @@ def main() -> None:
                 "generated_tokens": round(statistics.mean(s.generated_tokens for s in st), 1),
                 "decode_forwards": round(statistics.mean(s.decode_forwards for s in st), 1),
                 "forward_passes": round(statistics.mean(s.forward_passes for s in st), 1),
+                "drafted": round(statistics.mean(s.drafted for s in st), 1),
+                "accepted": round(statistics.mean(s.accepted for s in st), 1),
                 "passage_cap": min(s.passage_cap for s in st),
                 "speedup_vs_sliding": round(sliding_s / seconds, 2) if seconds else None,
             })
@@ -152,9 +160,9 @@ def plot(rows: list[dict], path: Path, device: str) -> None:
     for mode in modes:
         mine = [next(r for r in rows if r["passages"] == n and r["mode"] == mode) for n in sizes]
         style = dict(marker="o" if "@" not in mode else "s", color=f"C{MODES.index(base_mode(mode))}", label=mode,
-                     linestyle="--" if mode.endswith(STEPWISE) else ":" if "@" in mode else "-")
+                     linestyle="--" if mode.endswith((STEPWISE, PLAIN)) else ":" if "@" in mode else "-")
         axes[0].plot(sizes, [r["seconds"] for r in mine], **style)
-        if not mode.endswith(STEPWISE):
+        if not mode.endswith((STEPWISE, PLAIN)):
             axes[1].plot(sizes, [r["tokens_processed"] for r in mine], **style)
     axes[0].set_ylabel("seconds per query")
     axes[1].set_ylabel("tokens processed per query")

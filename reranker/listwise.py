@@ -25,6 +25,7 @@ from sieve.backbone.generate import stream
 from .first import first_scores
 from .permutation import IdTokens, PermutationConstraint
 from .prompt import RANKGPT, PromptBuilder, PromptTemplate, PromptTooLong
+from .speculative import speculative_decode
 
 MODES = ("full", "first", "sliding")
 
@@ -34,6 +35,8 @@ class RankStats:
     prompt_tokens: int = 0  # tokens run through prefill (all windows for sliding; incl. the id trie for first)
     generated_tokens: int = 0  # tokens of the answers (end tokens included)
     decode_forwards: int = 0  # forwards after the prefill: forced tokens ride along with the token before them
+    drafted: int = 0  # speculative decoding: draft tokens proposed
+    accepted: int = 0  # speculative decoding: draft tokens the model agreed with
     forward_passes: int = 0  # prefills: 1 for full and first, one per window for sliding
     passage_cap: int = 0  # tokens each passage was allowed
     truncated: int = 0  # passages cut to the cap (counted once per passage)
@@ -71,9 +74,10 @@ def sliding_windows(n: int, window: int = 20, stride: int = 10) -> list[tuple[in
 class Reranker:
     def __init__(self, backbone: Backbone, *, name: str = "sieve-rank", template: PromptTemplate = RANKGPT,
                  max_passage_tokens: int = 256, max_query_tokens: int = 128, min_passage_tokens: int = 8,
-                 window: int = 20, stride: int = 10, jump_forward: bool = True):
+                 window: int = 20, stride: int = 10, jump_forward: bool = True, speculative: bool = True):
         self.backbone, self.name = backbone, name
         self.jump_forward = jump_forward  # forced tokens ride along with a sampled one (False: one forward each)
+        self.speculative = speculative  # draft the rest in prompt order, verify in one forward (speculative.py)
         self.window, self.stride = window, stride
         self.ids = IdTokens.from_tokenizer(backbone.tokenizer, max_id=100)
         self.prompts = PromptBuilder(backbone.tokenizer, template, context=backbone.args.max_seq_len, ids=self.ids,
@@ -119,20 +123,32 @@ class Reranker:
     def _decode(self, prompt_ids: list[int], n: int, k: int | None, stats: RankStats) -> tuple[list[int], str]:
         """Constrained greedy decoding of one answer -> (0-based order of k ids, answer text)."""
         constraint = PermutationConstraint(self.ids, n, k)
+        if self.speculative:
+            tokens, spec = speculative_decode(self.backbone.model, prompt_ids, constraint)
+            stats.decode_forwards += spec.forwards
+            stats.drafted += spec.drafted
+            stats.accepted += spec.accepted
+        else:
+            tokens = self._stream(prompt_ids, constraint, stats)
+        stats.prompt_tokens += len(prompt_ids)
+        stats.generated_tokens += len(tokens)
+        stats.forward_passes += 1
+        if not constraint.done:
+            raise RuntimeError(f"decoding stopped after {len(constraint.emitted)} of {constraint.k} ids")
+        text = self.backbone.tokenizer.decode([t for t in tokens if t != self.ids.eos])
+        return constraint.order(), text
+
+    def _stream(self, prompt_ids: list[int], constraint: PermutationConstraint, stats: RankStats) -> list[int]:
+        """Token-by-token constrained decoding through `backbone.generate.stream` (jump-forward optional)."""
+        n, k = constraint.n, constraint.k
         tokens, sampled = [], 0
         for step in stream(self.backbone.model, [prompt_ids], max_new_tokens=self.ids.output_length(n, k),
                            stop_tokens=[self.ids.eos], pad_id=self.backbone.tokenizer.pad_id,
                            logits_processor=constraint if self.jump_forward else constraint.process):
             tokens.append(int(step.tokens[0]))
             sampled += not step.forced
-        stats.prompt_tokens += len(prompt_ids)
-        stats.generated_tokens += len(tokens)
         stats.decode_forwards += sampled - 1  # the prefill gave the first token's logits
-        stats.forward_passes += 1
-        if not constraint.done:
-            raise RuntimeError(f"decoding stopped after {len(constraint.emitted)} of {constraint.k} ids")
-        text = self.backbone.tokenizer.decode([t for t in tokens if t != self.ids.eos])
-        return constraint.order(), text
+        return tokens
 
     def _sliding(self, query: str, p_ids: list[list[int]], top_k: int | None, stats: RankStats) -> RankResult:
         n = len(p_ids)

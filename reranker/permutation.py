@@ -18,6 +18,7 @@ it with the token before it in one forward: about 2 forwards per id instead of 5
 
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import dataclass, field
 
@@ -144,6 +145,17 @@ class PermutationConstraint:
         self.node: TrieNode | None = None  # inside an id: the trie node reached; None while forced tokens remain
         self.done = False
         self.consumed = 0
+
+    @property
+    def emitted_set(self) -> set[int]:
+        return self._emitted
+
+    def clone(self) -> PermutationConstraint:
+        """An independent copy of the decoding state (the trie is shared: it never changes)."""
+        c = copy.copy(self)
+        c.emitted, c._emitted, c.forced = list(self.emitted), set(self._emitted), list(self.forced)
+        c.left_below = dict(self.left_below)
+        return c
 
     def _walk_counts(self, node: TrieNode) -> None:
         self.left_below[id(node)] = len(node.ids_below)
