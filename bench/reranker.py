@@ -8,10 +8,10 @@ for sliding, the id trie for first) + decoded tokens. Constrained decoding is sp
 the rest of the answer drafted in prompt order and checked in one forward; forced tokens ride along), for full and
 sliding alike; `--plain` adds `full-plain` and `sliding-plain` rows, one forward per id digit (jump-forward only),
 to measure what the drafts save, and `--stepwise` rows of one forward per token. `--top-k 10` adds `full@10`
-and `sliding@10` rows: the same rankers asked for the
-top 10 only (what nDCG@10 and a search page need): full ranking then decodes 10 ids after its one prefill, the
-sliding window still reads every window and decodes each one's top 10 (what the next window and the final top 10
-need); their top 10 are exactly those of the complete rankings. Writes bench/results/reranker-speed.json (+ .png).
+and `sliding@10` rows: the same rankers asked for the top 10 only (what nDCG@10 and a search page need): full
+ranking then decodes 10 ids after its one prefill, the sliding window still reads every window and decodes each
+one's top 10 (what the next window and the final top 10 need); their top 10 are exactly those of the complete
+rankings. Writes bench/results/reranker-speed.json (+ .png).
 
     python bench/reranker.py [--sizes 20,50,100] [--queries 1] [--repeat 1] [--threads 2] [--device cpu]
                              [--dtype auto] [--window 20 --stride 10] [--plain] [--stepwise] [--top-k 10]
