@@ -53,15 +53,16 @@ def base_mode(label: str) -> str:
 def measure(rerankers: dict, query: str, texts: list[str], repeat: int, sync) -> dict[str, dict]:
     """Median seconds and the stats of each row (label -> (reranker, mode, top_k)), repetitions interleaved."""
     times: dict[str, list[float]] = {label: [] for label in rerankers}
-    stats = {}
+    stats, orders = {}, {}
     for _ in range(repeat):
         for label, (reranker, mode, top_k) in rerankers.items():
             t0 = time.perf_counter()
             res = reranker.rank(query, texts, mode=mode, top_k=top_k)
             sync()
             times[label].append(time.perf_counter() - t0)
-            stats[label] = res.stats
-    return {label: {"seconds": statistics.median(times[label]), "stats": stats[label]} for label in rerankers}
+            stats[label], orders[label] = res.stats, res.order
+    return {label: {"seconds": statistics.median(times[label]), "stats": stats[label], "order": orders[label]}
+            for label in rerankers}
 
 
 def main() -> None:
@@ -129,6 +130,9 @@ def main() -> None:
                 "passage_cap": min(s.passage_cap for s in st),
                 "speedup_vs_sliding": round(sliding_s / seconds, 2) if seconds else None,
             })
+            if f"{mode}{PLAIN}" in rows_to_run:  # speculative decoding is lossless: the same ranking as plain
+                rows[-1]["same_order_as_plain"] = sum(r[mode]["order"] == r[f"{mode}{PLAIN}"]["order"]
+                                                      for r in per_query) / len(per_query)
             print(rows[-1], flush=True)
 
     device = device_name(args.device)

@@ -3,8 +3,10 @@
 `Reranker.rank(query, passages, mode, top_k)` -> `RankResult` (passage indices best first, their scores, and
 what it cost). Inference only: evaluation lives in eval.py and is never imported here.
 
-- full: the whole list in one prompt (per-passage budget from prompt.py), the answer decoded greedily through the
-  backbone's logits hook with `PermutationConstraint`, so it is a valid permutation by construction. Scores are
+- full: the whole list in one prompt (per-passage budget from prompt.py), the answer decoded greedily under
+  `PermutationConstraint`, so it is a valid permutation by construction. Decoding is speculative by default
+  (speculative.py: the rest drafted in prompt order, checked in one forward; the same answer, fewer forwards);
+  `speculative=False` decodes through the backbone's `stream` and logits hook (jump-forward). Scores are
   `n - position` (the order is the output). `top_k`: decoding stops after k ids and reserves room for k only.
 - first: FIRST scoring (first.py), one forward; scores are log-probabilities.
 - sliding: RankGPT's sliding window (window 20, stride 10, back to front), each window a constrained full
