@@ -112,6 +112,11 @@ def _rank_locally(query: str, texts: list[str], mode: str, top_k: int | None, mo
     return out, footer
 
 
+def _items(values: list[str] | None) -> list[str]:
+    """A repeatable option's values, each also split at commas (`--first-stage bm25,sieve-embed`)."""
+    return [item.strip() for value in values or [] for item in value.split(",") if item.strip()]
+
+
 def _read_lines(lines: list[str]) -> list[str]:
     out = []
     for line in lines:
@@ -163,11 +168,13 @@ def train_reranker(
 
 
 def eval_reranker(
-    dataset: Annotated[list[str] | None, typer.Option(help="scifact, trec-dl-2019, trec-dl-2021 (repeatable; "
-                                                           "default: scifact and trec-dl-2019)")] = None,
+    dataset: Annotated[list[str] | None, typer.Option(
+        help="scifact, trec-dl-2019, trec-dl-2021 (repeatable or comma-separated; default: scifact and "
+             "trec-dl-2019)")] = None,
     first_stage: Annotated[list[str] | None, typer.Option(
-        help="bm25, sieve-embed, all-minilm-l6-v2 (repeatable; default bm25)")] = None,
-    mode: Annotated[list[str] | None, typer.Option(help="sliding, full, first (repeatable; default all)")] = None,
+        help="bm25, sieve-embed, all-minilm-l6-v2 (repeatable or comma-separated; default bm25)")] = None,
+    mode: Annotated[list[str] | None, typer.Option(
+        help="sliding, full, first (repeatable or comma-separated; default all)")] = None,
     model: Annotated[str, typer.Option(help="sieve-rank or a reranker folder")] = "sieve-rank",
     depth: Annotated[int, typer.Option(min=1, help="first-stage candidates reranked per query")] = 100,
     queries: Annotated[int | None, typer.Option(min=1, help="only the first N judged queries (sorted ids)")] = None,
@@ -183,14 +190,15 @@ def eval_reranker(
     from .eval import MODES, evaluate, write_eval
 
     settings = _settings()
-    modes = tuple(mode or MODES)
+    modes = tuple(_items(mode) or MODES)
     if bad := [m for m in modes if m not in MODES]:
         raise _fail(f"unknown mode(s) {', '.join(bad)}; choose from {', '.join(MODES)}")
     reranker = _load(model, settings, dtype)
     rows, out = [], None
-    for row in evaluate(reranker, dataset or ["scifact", "trec-dl-2019"], data_root=data or settings.data_path(),
+    datasets, stages = _items(dataset) or ["scifact", "trec-dl-2019"], tuple(_items(first_stage) or ["bm25"])
+    for row in evaluate(reranker, datasets, data_root=data or settings.data_path(),
                         home=settings.home / "cache", device=settings.device, dtype=dtype or settings.dtype,
-                        first_stages=tuple(first_stage or ["bm25"]), modes=modes, depth=depth, queries=queries,
+                        first_stages=stages, modes=modes, depth=depth, queries=queries,
                         unconstrained=unconstrained, top_k=top_k, console=err):
         rows.append(row)
         out = write_eval(name, rows)  # after every row: a long run never loses what it measured

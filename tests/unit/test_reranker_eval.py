@@ -50,3 +50,11 @@ def test_eval_rows_and_top_k_keeps_ndcg_at_10(reranker, data_root, tmp_path):
         if top_row["mode"] != "first-stage":
             assert top_row["missing_rate"] == 0.0 and top_row["wrong_format_rate"] == 0.0
             assert top_row["tokens_per_query"] < full_row["tokens_per_query"]
+
+
+def test_list_options_take_commas_or_repeats():
+    from sieve.reranker.cli import _items
+
+    assert _items(["bm25,sieve-embed", " all-minilm-l6-v2 ", "full,"]) == ["bm25", "sieve-embed", "all-minilm-l6-v2",
+                                                                          "full"]
+    assert _items(None) == [] and _items([]) == []
