@@ -7,14 +7,16 @@ Timing is interleaved (full, sliding, first, full, ...) per size; tokens process
 for sliding, the id trie for first) + decoded tokens. Constrained decoding is speculative (reranker/speculative.py:
 the rest of the answer drafted in prompt order and checked in one forward; forced tokens ride along), for full and
 sliding alike; `--plain` adds `full-plain` and `sliding-plain` rows, one forward per id digit (jump-forward only),
-to measure what the drafts save, and `--stepwise` rows of one forward per token. `--top-k 10` adds `full@10`
-and `sliding@10` rows: the same rankers asked for the top 10 only (what nDCG@10 and a search page need): full
-ranking then decodes 10 ids after its one prefill, the sliding window still reads every window and decodes each
-one's top 10 (what the next window and the final top 10 need); their top 10 are exactly those of the complete
-rankings. Writes bench/results/reranker-speed.json (+ .png).
+to measure what the drafts save, and `--stepwise` rows of one forward per token. `--sparse` adds `full-sparse` and
+`sliding-sparse` rows whose prompts run the block-sparse prefill (sieve.kernels; prompts under its `min_length`
+stay dense), with the share of blocks computed and whether the ranking matches the dense one. `--top-k 10` adds
+`full@10` and `sliding@10` rows: the same rankers asked for the top 10 only (what nDCG@10 and a search page need):
+full ranking then decodes 10 ids after its one prefill, the sliding window still reads every window and decodes
+each one's top 10 (what the next window and the final top 10 need); their top 10 are exactly those of the
+complete rankings. Writes bench/results/reranker-speed.json (+ .png).
 
     python bench/reranker.py [--sizes 20,50,100] [--queries 1] [--repeat 1] [--threads 2] [--device cpu]
-                             [--dtype auto] [--window 20 --stride 10] [--plain] [--stepwise] [--top-k 10]
+                             [--dtype auto] [--window 20 --stride 10] [--plain] [--stepwise] [--sparse] [--top-k 10]
                              [--no-pack]
 """
 
@@ -40,6 +42,7 @@ from sieve.settings import Settings  # noqa: E402
 MODES = ("full", "sliding", "first")
 STEPWISE = "-stepwise"  # suffix of the rows decoded one forward per token
 PLAIN = "-plain"  # suffix of the rows decoded one forward per id digit (jump-forward, no drafts)
+SPARSE = "-sparse"  # suffix of the rows whose prompts are prefilled with block-sparse attention
 
 
 def row_label(mode: str, top_k: int | None) -> str:
@@ -47,7 +50,7 @@ def row_label(mode: str, top_k: int | None) -> str:
 
 
 def base_mode(label: str) -> str:
-    return label.removesuffix(STEPWISE).removesuffix(PLAIN).split("@")[0]
+    return label.removesuffix(STEPWISE).removesuffix(PLAIN).removesuffix(SPARSE).split("@")[0]
 
 
 def measure(rerankers: dict, query: str, texts: list[str], repeat: int, sync) -> dict[str, dict]:
@@ -80,6 +83,8 @@ def main() -> None:
     ap.add_argument("--stride", type=int, default=10)
     ap.add_argument("--stepwise", action="store_true", help="also full and sliding decoded one token a forward")
     ap.add_argument("--plain", action="store_true", help="also full and sliding without speculative drafts")
+    ap.add_argument("--sparse", action="store_true", help="also full and sliding with the block-sparse prefill "
+                    "(sieve.kernels: Triton on CUDA, the dense-cost torch reference on a CPU)")
     ap.add_argument("--top-k", type=int, default=None, help="also full and sliding asked for the top k only")
     ap.add_argument("--no-pack", action="store_true", help="plain nn.Linear weights (the service packs float32 "
                     "linears for oneDNN on the CPU, backbone.runtime.apply_speed_options)")
@@ -92,6 +97,14 @@ def main() -> None:
     rows_to_run = {mode: (reranker, mode, None) for mode in MODES}
     if args.top_k:
         rows_to_run |= {row_label(mode, args.top_k): (reranker, mode, args.top_k) for mode in ("full", "sliding")}
+    if args.sparse:
+        from sieve.kernels import register_sparse_attention
+
+        sparse_fn, _ = register_sparse_attention()
+        stats_type = type(sparse_fn.stats)
+        variant = copy.copy(reranker)
+        variant.prefill_mode = "sparse"
+        rows_to_run |= {f"{mode}{SPARSE}": (variant, mode, None) for mode in ("full", "sliding")}
     for flag, suffix, jump in ((args.plain, PLAIN, True), (args.stepwise, STEPWISE, False)):
         if flag:
             variant = copy.copy(reranker)
@@ -108,6 +121,8 @@ def main() -> None:
 
     rows = []
     for n in sizes:
+        if args.sparse:
+            sparse_fn.stats = stats_type()  # density per size
         per_query = [measure(rows_to_run, ds.queries[q], [ds.corpus[d] for d in ds.candidates[q][:n]], args.repeat,
                              sync) for q in qids]
         for mode, (_, _, top_k) in rows_to_run.items():
@@ -130,9 +145,12 @@ def main() -> None:
                 "passage_cap": min(s.passage_cap for s in st),
                 "speedup_vs_sliding": round(sliding_s / seconds, 2) if seconds else None,
             })
-            if f"{mode}{PLAIN}" in rows_to_run:  # speculative decoding is lossless: the same ranking as plain
-                rows[-1]["same_order_as_plain"] = sum(r[mode]["order"] == r[f"{mode}{PLAIN}"]["order"]
-                                                      for r in per_query) / len(per_query)
+            for twin, key in ((f"{mode}{PLAIN}", "same_order_as_plain"), (f"{mode}{SPARSE}", "same_order_as_sparse")):
+                if twin in rows_to_run:  # speculative decoding is lossless; sparse prefill need not be
+                    rows[-1][key] = sum(r[mode]["order"] == r[twin]["order"] for r in per_query) / len(per_query)
+            if mode.endswith(SPARSE):  # share of the causal blocks the sparse prefills computed (calls >= min_length)
+                rows[-1].update(sparse_density=round(sparse_fn.stats.density, 4),
+                                sparse_calls=sparse_fn.stats.sparse_calls, dense_calls=sparse_fn.stats.dense_calls)
             print(rows[-1], flush=True)
 
     device = device_name(args.device)

@@ -76,8 +76,12 @@ def sliding_windows(n: int, window: int = 20, stride: int = 10) -> list[tuple[in
 class Reranker:
     def __init__(self, backbone: Backbone, *, name: str = "sieve-rank", template: PromptTemplate = RANKGPT,
                  max_passage_tokens: int = 256, max_query_tokens: int = 128, min_passage_tokens: int = 8,
-                 window: int = 20, stride: int = 10, jump_forward: bool = True, speculative: bool = True):
+                 window: int = 20, stride: int = 10, jump_forward: bool = True, speculative: bool = True,
+                 prefill_mode: str = "causal"):
         self.backbone, self.name = backbone, name
+        # attention mode of the full and sliding prompts' prefill: "sparse" is the block-sparse prefill of
+        # sieve.kernels (register_sparse_attention first); decoding and FIRST's one forward stay dense
+        self.prefill_mode = prefill_mode
         self.jump_forward = jump_forward  # forced tokens ride along with a sampled one (False: one forward each)
         self.speculative = speculative  # draft the rest in prompt order, verify in one forward (speculative.py)
         self.window, self.stride = window, stride
@@ -126,7 +130,8 @@ class Reranker:
         """Constrained greedy decoding of one answer -> (0-based order of k ids, answer text)."""
         constraint = PermutationConstraint(self.ids, n, k)
         if self.speculative:
-            tokens, spec = speculative_decode(self.backbone.model, prompt_ids, constraint)
+            tokens, spec = speculative_decode(self.backbone.model, prompt_ids, constraint,
+                                              prefill_mode=self.prefill_mode)
             stats.decode_forwards += spec.forwards
             stats.drafted += spec.drafted
             stats.accepted += spec.accepted
@@ -146,7 +151,8 @@ class Reranker:
         tokens, sampled = [], 0
         for step in stream(self.backbone.model, [prompt_ids], max_new_tokens=self.ids.output_length(n, k),
                            stop_tokens=[self.ids.eos], pad_id=self.backbone.tokenizer.pad_id,
-                           logits_processor=constraint if self.jump_forward else constraint.process):
+                           logits_processor=constraint if self.jump_forward else constraint.process,
+                           prefill_mode=self.prefill_mode):
             tokens.append(int(step.tokens[0]))
             sampled += not step.forced
         stats.decode_forwards += sampled - 1  # the prefill gave the first token's logits

@@ -67,11 +67,12 @@ def draft_tokens(constraint: PermutationConstraint, order: list[int], max_ids: i
 
 @torch.inference_mode()
 def speculative_decode(model, prompt_ids: list[int], constraint: PermutationConstraint, *,
-                       draft_order: list[int] | None = None, max_draft_ids: int = 32,
-                       first_draft_ids: int = 4) -> tuple[list[int], SpeculativeStats]:
+                       draft_order: list[int] | None = None, max_draft_ids: int = 32, first_draft_ids: int = 4,
+                       prefill_mode: str = "causal") -> tuple[list[int], SpeculativeStats]:
     """Constrained greedy decoding of one answer -> (tokens emitted, end token included; stats).
 
-    `draft_order`: 1-based ids in the order to draft them (default: prompt order 1..n)."""
+    `draft_order`: 1-based ids in the order to draft them (default: prompt order 1..n); `prefill_mode`: the
+    attention mode of the prompt's forward (e.g. "sparse"); the checking forwards are causal."""
     device = model.tok_embeddings.weight.device
     ids = constraint.ids
     order = draft_order or list(range(1, constraint.n + 1))
@@ -82,7 +83,7 @@ def speculative_decode(model, prompt_ids: list[int], constraint: PermutationCons
                          f"{model.args.max_seq_len}-token context")
     model.setup_caches(1, min(model.args.max_seq_len, -(-(p + budget) // 256) * 256))
     stats = SpeculativeStats()
-    hidden = _forward(model, prompt_ids, 0, device)
+    hidden = _forward(model, prompt_ids, 0, device, prefill_mode)
     logits = model.head(hidden[:, -1:])[0, -1]
     slot = p
     tokens: list[int] = []
@@ -129,7 +130,8 @@ def _emit(constraint: PermutationConstraint, tok: int, tokens: list[int]) -> boo
     return True
 
 
-def _forward(model, tokens: list[int], slot: int, device) -> torch.Tensor:
+def _forward(model, tokens: list[int], slot: int, device, mode: str = "causal") -> torch.Tensor:
     """`tokens` into the KV cache from `slot` (causal over everything before) -> hidden states [1, T, dim]."""
     x = torch.tensor([tokens], dtype=torch.long, device=device)
-    return model(x, input_pos=slot, return_logits=False).hidden_states
+    kwargs = {"mode": mode} if mode != "causal" else {}
+    return model(x, input_pos=slot, return_logits=False, **kwargs).hidden_states

@@ -128,3 +128,19 @@ def test_draft_tokens_finish_the_id_under_way(ids):
     assert out == [*ids.digit_tokens["11"][1:], ids.close, *ids.separator, *ids.digit_tokens["2"], ids.close,
                    *ids.separator]
     assert c.emitted == []
+
+
+def test_sparse_prefill_ranks_through_the_block_sparse_path(backbone):
+    from sieve.kernels import SparseConfig, register_sparse_attention
+
+    sparse, _ = register_sparse_attention(SparseConfig(block_size=16, min_length=256))
+    texts = passages(30, words=16, seed=7)
+    dense = Reranker(backbone, max_passage_tokens=64).rank("aspirin heart", texts, mode="full")
+    for speculative in (True, False):
+        before = sparse.stats.sparse_calls
+        res = Reranker(backbone, max_passage_tokens=64, speculative=speculative, prefill_mode="sparse").rank(
+            "aspirin heart", texts, mode="full")
+        assert sorted(res.order) == list(range(30))  # still a permutation of all of them
+        assert res.stats.prompt_tokens == dense.stats.prompt_tokens > 256
+        assert sparse.stats.sparse_calls - before == backbone.args.n_layers  # the prompt's forward ran sparse
+    assert 0.0 < sparse.stats.density < 1.0
