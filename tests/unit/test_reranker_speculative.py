@@ -100,8 +100,6 @@ def test_a_model_that_reverses_the_order_gets_its_own_answer(ids):
     assert tokens == script and constraint.order() == order
     assert stats.forwards <= 2 * 40  # about one per id: the draft misses at every id's first digit
     assert stats.accepted < stats.drafted
-    # misses pause drafting (1, 2, 4, ... forwards): a draft rides along with a few forwards, not with all ~70
-    assert stats.drafted < 100
 
 
 @pytest.mark.parametrize("k", [1, 3, 12])
