@@ -98,10 +98,9 @@ def main() -> None:
     if args.top_k:
         rows_to_run |= {row_label(mode, args.top_k): (reranker, mode, args.top_k) for mode in ("full", "sliding")}
     if args.sparse:
-        from sieve.kernels import register_sparse_attention
+        from sieve.kernels import SparseStats, register_sparse_attention
 
         sparse_fn, _ = register_sparse_attention()
-        stats_type = type(sparse_fn.stats)
         variant = copy.copy(reranker)
         variant.prefill_mode = "sparse"
         rows_to_run |= {f"{mode}{SPARSE}": (variant, mode, None) for mode in ("full", "sliding")}
@@ -122,7 +121,7 @@ def main() -> None:
     rows = []
     for n in sizes:
         if args.sparse:
-            sparse_fn.stats = stats_type()  # density per size
+            sparse_fn.stats = SparseStats()  # density per size
         per_query = [measure(rows_to_run, ds.queries[q], [ds.corpus[d] for d in ds.candidates[q][:n]], args.repeat,
                              sync) for q in qids]
         for mode, (_, _, top_k) in rows_to_run.items():
