@@ -94,7 +94,7 @@ def speculative_decode(model, prompt_ids: list[int], constraint: PermutationCons
     tokens: list[int] = []
     draft_ids = first_draft_ids
     while True:
-        tok = int(constrain(logits[None], constraint.allowed())[0].argmax())
+        tok = _choose(logits, constraint)
         pending = [tok]
         if not _emit(constraint, tok, tokens):
             return tokens, stats
@@ -111,8 +111,7 @@ def speculative_decode(model, prompt_ids: list[int], constraint: PermutationCons
         rows = model.head(hidden[0, len(pending) - 1:])  # row j predicts draft[j]; the last row what follows
         kept = 0
         for j, d in enumerate(draft):
-            choice = int(constrain(rows[j][None], constraint.allowed())[0].argmax())
-            if choice != d:
+            if _choose(rows[j], constraint) != d:
                 break
             kept += 1
             if not _emit(constraint, d, tokens):
@@ -123,6 +122,11 @@ def speculative_decode(model, prompt_ids: list[int], constraint: PermutationCons
         logits = rows[kept]
         ids_kept = sum(t == ids.close for t in draft[:kept])
         draft_ids = min(max_draft_ids, draft_ids * 2) if kept == len(draft) else max(1, ids_kept + 1)
+
+
+def _choose(logits: torch.Tensor, constraint: PermutationConstraint) -> int:
+    """The constrained greedy token for next-token logits [V]."""
+    return int(constrain(logits[None], constraint.allowed())[0].argmax())
 
 
 def _emit(constraint: PermutationConstraint, tok: int, tokens: list[int]) -> bool:
@@ -137,5 +141,4 @@ def _emit(constraint: PermutationConstraint, tok: int, tokens: list[int]) -> boo
 def _forward(model, tokens: list[int], slot: int, device, mode: str = "causal") -> torch.Tensor:
     """`tokens` into the KV cache from `slot` (causal over everything before) -> hidden states [1, T, dim]."""
     x = torch.tensor([tokens], dtype=torch.long, device=device)
-    kwargs = {"mode": mode} if mode != "causal" else {}
-    return model(x, input_pos=slot, return_logits=False, **kwargs).hidden_states
+    return model(x, input_pos=slot, return_logits=False, mode=mode).hidden_states

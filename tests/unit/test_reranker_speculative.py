@@ -61,7 +61,7 @@ class ScriptedModel(torch.nn.Module):
     def setup_caches(self, batch: int, length: int) -> None:
         self.cache_len = length
 
-    def forward(self, x, *, input_pos, return_logits):
+    def forward(self, x, *, input_pos, return_logits, mode="causal"):
         t = x.shape[1]
         assert input_pos + t <= self.cache_len
         self.forwards.append(t)
