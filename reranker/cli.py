@@ -152,6 +152,10 @@ def train_reranker(
     seed: int = 0,
     shuffle: Annotated[float, typer.Option(min=0.0, max=1.0, help="share of lists shown in a random order instead "
                                                                   "of first-stage order")] = 1.0,
+    teacher_scores: Annotated[Path | None, typer.Option(
+        help="JSON of the teacher's scores for every training candidate: read if it exists, else computed and "
+             "written first (a machine without the teacher trains from it)")] = None,
+    max_minutes: Annotated[float | None, typer.Option(min=0.0, help="stop and save after this much training")] = None,
 ) -> None:
     """Train the sieve-rank LoRA adapter on SciFact train lists (resumes from OUT/checkpoint.pt)."""
     from .train import TrainConfig, train
@@ -162,7 +166,8 @@ def train_reranker(
     cfg = TrainConfig(out=out, data_root=data or settings.data_path(), steps=steps, batch_size=batch_size,
                       n_min=n_min, n_max=n_max, max_passage_tokens=max_passage_tokens, teacher=teacher,
                       lm_weight=lm_weight, first_weight=first_weight, lr=lr, lora_r=lora_r, lora_alpha=lora_alpha,
-                      dtype=dtype, seed=seed, shuffle=shuffle)
+                      dtype=dtype, seed=seed, shuffle=shuffle, teacher_scores=teacher_scores,
+                      max_minutes=max_minutes)
     summary = train(cfg, home=settings.home / "cache", device=settings.device)
     console.print_json(json.dumps({k: v for k, v in summary.items() if k != "config"}))
 

@@ -49,6 +49,7 @@ class ScifactTrainLists:
         self._teacher = None
         self._home, self._device = home, device
         self._doc_vecs: dict[str, object] = {}
+        self._scores: dict[str, dict[str, float]] = {}  # qid -> doc -> teacher score (precomputed or loaded)
 
     def __len__(self) -> int:
         return len(self.qids)
@@ -70,7 +71,41 @@ class ScifactTrainLists:
         return RankingExample(self.queries[qid], [self.corpus[d] for d in ranked], label,
                               sum(d in pos for d in ranked))
 
+    def candidates(self, qid: str) -> list[str]:
+        """Every document an example of `qid` can hold: the BM25 top-depth and the judged positives."""
+        ranked = [d for d, _ in self.bm25[qid]]
+        seen = set(ranked)
+        return ranked + [d for d in self.positives[qid] if d not in seen]
+
+    def save_teacher_scores(self, path: Path, progress=None) -> None:
+        """Score every candidate of every claim with the teacher and write them (JSON): a machine without the
+        teacher's weights (or the time to run it) trains from this file (`load_teacher_scores`)."""
+        import json
+
+        for i, qid in enumerate(self.qids):
+            self._teacher_scores(qid, self.candidates(qid))
+            if progress:
+                progress(i + 1, len(self.qids))
+        path.write_text(json.dumps({"teacher": self.teacher_name, "scores": {
+            q: {d: round(s, 6) for d, s in self._scores[q].items()} for q in self.qids}}))
+
+    def load_teacher_scores(self, path: Path) -> None:
+        import json
+
+        saved = json.loads(path.read_text())
+        if saved["teacher"] != self.teacher_name:
+            raise ValueError(f"{path} holds {saved['teacher']!r} scores, not the teacher {self.teacher_name!r}")
+        for qid, scores in saved["scores"].items():
+            self._scores.setdefault(qid, {}).update(scores)
+
     def _teacher_scores(self, qid: str, docs: list[str]) -> list[float]:
+        known = self._scores.setdefault(qid, {})
+        todo = [d for d in docs if d not in known]
+        if todo:
+            known.update(zip(todo, self._score(qid, todo)))
+        return [known[d] for d in docs]
+
+    def _score(self, qid: str, docs: list[str]) -> list[float]:
         if self.teacher_name == "bm25":
             by_doc = dict(self.bm25[qid])
             return [by_doc.get(d, 0.0) for d in docs]

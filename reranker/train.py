@@ -65,6 +65,8 @@ class TrainConfig:
     seed: int = 0
     save_every: int = 25
     shuffle: float = 1.0  # share of lists presented in a random order (the label follows the passages)
+    teacher_scores: Path | None = None  # JSON of precomputed teacher scores: read if it exists, else written first
+    max_minutes: float | None = None  # stop (and save) after the step that passes this much training time
 
 
 def shuffled(ex: RankingExample, rng: random.Random) -> RankingExample:
@@ -159,8 +161,13 @@ def train(cfg: TrainConfig, *, home: Path, device: str = "auto", progress: bool 
     torch.manual_seed(cfg.seed)
     cfg.out.mkdir(parents=True, exist_ok=True)
     backbone = load_backbone(resolve_backbone(cfg.backbone), home=home, device=device, dtype="float32")
-    return train_on(backbone, cfg, lists or ScifactTrainLists(cfg.data_root, depth=cfg.depth, teacher=cfg.teacher,
-                                                              home=home), progress=progress,
+    if lists is None:
+        lists = ScifactTrainLists(cfg.data_root, depth=cfg.depth, teacher=cfg.teacher, home=home)
+        if cfg.teacher_scores and cfg.teacher_scores.is_file():
+            lists.load_teacher_scores(cfg.teacher_scores)
+        elif cfg.teacher_scores:
+            lists.save_teacher_scores(cfg.teacher_scores)
+    return train_on(backbone, cfg, lists, progress=progress,
                     save=lambda model: save_file(lora_state(model), str(cfg.out / ADAPTER)),
                     inject=lambda m: inject_adapter_in_model(
                         LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=LORA_TARGETS,
@@ -226,18 +233,21 @@ def train_on(backbone, cfg: TrainConfig, lists, *, progress: bool, save, inject)
             history.append({"step": step + 1, "lm": round(lm_avg, 5), "first": round(first_avg, 5),
                             "passages": sizes})
             bar.update(task, advance=1, lm=lm_avg, first=first_avg)
-            if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+            out_of_time = cfg.max_minutes is not None and time.perf_counter() - t0 > cfg.max_minutes * 60
+            if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps or out_of_time:
                 torch.save({"step": step + 1, "lora": {n: p.detach().clone() for n, p in model.named_parameters()
                                                        if "lora_" in n},
                             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "history": history,
                             "rng": rng.getstate(), "torch_rng": torch.get_rng_state()}, ckpt.with_suffix(".tmp"))
                 ckpt.with_suffix(".tmp").replace(ckpt)
+            if out_of_time:
+                break
 
     model.eval()
     save(model)
     RerankerConfig(backbone=cfg.backbone, template=cfg.template, lora_r=cfg.lora_r,
                    lora_alpha=cfg.lora_alpha).save(cfg.out)
-    summary = {"steps": cfg.steps, "seconds_this_run": round(time.perf_counter() - t0, 1),
+    summary = {"steps": len(history), "seconds_this_run": round(time.perf_counter() - t0, 1),
                "final_lm_avg10": round(float(np.mean([h["lm"] for h in history[-10:]])), 4) if history else None,
                "final_first_avg10": round(float(np.mean([h["first"] for h in history[-10:]])), 4) if history else None,
                "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()},

@@ -154,3 +154,33 @@ def test_complete_labels_put_train_positives_first(tmp_path):
     text_to_id = {v: k for k, v in lists.corpus.items()}
     rest = [by_doc.get(text_to_id[ex.passages[i]], 0.0) for i in ex.order[2:]]
     assert rest == sorted(rest, reverse=True)
+
+
+def test_teacher_scores_file_round_trips_and_replaces_the_teacher(tmp_path):
+    docs = {f"d{i}": f"aspirin heart study number {i} " + "filler " * i for i in range(12)}
+    docs["gold"] = "unrelated words about galaxies and stars"
+    write_beir(tmp_path / "retrieval" / "scifact", docs, {"q1": "aspirin heart", "q2": "filler"},
+               [("q1", "gold", 1), ("q2", "d11", 1)])
+    made = ScifactTrainLists(tmp_path, depth=8, teacher="bm25")
+    assert "gold" in made.candidates("q1") and len(made.candidates("q1")) == 9  # top-8 plus the unretrieved positive
+    path = tmp_path / "scores.json"
+    made.save_teacher_scores(path)
+    loaded = ScifactTrainLists(tmp_path, depth=8, teacher="bm25")
+    loaded.load_teacher_scores(path)
+    loaded._score = None  # the file must answer every candidate: calling the teacher now would fail
+    for qid in ("q1", "q2"):
+        a, b = made.example(qid, 6, random.Random(1)), loaded.example(qid, 6, random.Random(1))
+        assert (a.passages, a.order) == (b.passages, b.order)
+    other = ScifactTrainLists(tmp_path, depth=8, teacher="all-minilm-l6-v2")
+    with pytest.raises(ValueError, match="bm25"):
+        other.load_teacher_scores(path)
+
+
+def test_time_budget_stops_after_a_step_and_saves(gguf, tmp_path):
+    cfg = TrainConfig(out=tmp_path / "out", data_root=tmp_path, steps=50, batch_size=1, n_min=6, n_max=6,
+                      dtype="float32", max_passage_tokens=16, max_minutes=0.0)
+    saved = {}
+    summary = train_on(fresh_backbone(gguf, tmp_path), cfg, FixedLists(), progress=False,
+                       save=lambda m: saved.update(lora_state(m)), inject=inject)
+    assert summary["steps"] == 1 and saved  # one step, then the adapter is written all the same
+    assert torch.load(cfg.out / "checkpoint.pt", weights_only=False)["step"] == 1
