@@ -30,6 +30,7 @@ class AttentionContext:
     q_offset: int  # key index of the first query (the KV-cache fill before this call)
     key_padding: torch.Tensor | None  # [B, Tk] bool, True = real token; None = no padding anywhere
     use_cache: bool = False  # K/V of this call are written to (and keys read from) the KV cache
+    device: torch.device | None = None  # where `mask` is built (the activations' device; key_padding's if None)
 
     @property
     def k_len(self) -> int:
@@ -53,7 +54,7 @@ class AttentionContext:
         A query always sees its own slot, so rows of padding queries are never empty (no NaN from softmax);
         their outputs are meaningless and ignored, real tokens never see padding keys.
         """
-        device = self.key_padding.device if self.key_padding is not None else None
+        device = self.key_padding.device if self.key_padding is not None else self.device
         q_idx = torch.arange(self.q_offset, self.k_len, device=device)[:, None]
         k_idx = torch.arange(self.k_len, device=device)[None, :]
         allowed = (k_idx <= q_idx) if self.causal else (k_idx >= 0).expand(self.q_len, -1)

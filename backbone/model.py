@@ -244,7 +244,8 @@ class Transformer(nn.Module):
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, offset:]
         cos, sin = rope_cos_sin(position_ids, self.inv_freq, x.dtype)
         ctx = AttentionContext(
-            causal=attention.causal, q_len=t, q_offset=offset, key_padding=key_padding, use_cache=input_pos is not None
+            causal=attention.causal, q_len=t, q_offset=offset, key_padding=key_padding,
+            use_cache=input_pos is not None, device=x.device,
         )
 
         for layer in self.layers:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 from sieve.backbone import load_backbone
+from sieve.backbone.lora import merge_lora  # noqa: F401 (re-exported)
 from sieve.backbone.packed import pack_linears
 
 from sieve.registry import resolve_backbone
@@ -54,24 +55,6 @@ class EmbedderConfig:
         raw = json.loads((folder / CONFIG).read_text())
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in raw.items() if k in names})
-
-
-def merge_lora(model: nn.Module, adapter: dict[str, torch.Tensor], scale: float) -> int:
-    """W <- W + scale * B @ A for every adapted linear; returns how many were merged."""
-    modules = dict(model.named_modules())
-    merged = 0
-    for key in adapter:
-        if not key.endswith(".lora_A"):
-            continue
-        name = key.removesuffix(".lora_A")
-        if name not in modules:
-            raise KeyError(f"adapter targets {name!r}, which the backbone does not have")
-        lin = modules[name]
-        a, b = adapter[key].float(), adapter[f"{name}.lora_B"].float()
-        new = lin.weight.detach().float() + scale * (b @ a)
-        lin.weight = nn.Parameter(new.to(lin.weight.dtype), requires_grad=False)  # a new tensor: the cache is mmapped
-        merged += 1
-    return merged
 
 
 def is_sentence_transformers(folder: Path) -> bool:

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from sieve.backbone.lora import lora_state
 
 from .batching import collate
 from .data import Pair, medquad_pairs, scifact_train_pairs
@@ -74,16 +75,6 @@ def mine_hard_negatives(pairs: list[Pair], corpus: dict[str, str], k: int = 30, 
             zip(queries, hits.tolist())}
     # the top 2 non-positives are skipped: often relevant but unjudged
     return [dataclasses.replace(p, negatives=negs[p.query][2:]) for p in pairs]
-
-
-def lora_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """peft's `x.lora_A.default.weight` -> our `x.lora_A` (float32, contiguous)."""
-    out = {}
-    for name, p in model.named_parameters():
-        if ".lora_A." in name or ".lora_B." in name:
-            base, kind = name.split(".lora_")[0], "lora_A" if ".lora_A." in name else "lora_B"
-            out[f"{base}.{kind}"] = p.detach().float().contiguous().cpu()
-    return out
 
 
 def train(cfg: TrainConfig, *, home: Path, device: str = "auto", progress: bool = True) -> dict:

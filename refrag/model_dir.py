@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from sieve.backbone.lora import lora_state, merge_lora  # noqa: F401 (re-exported)
 
 from .projector import PolicyScorer, Projector
 
@@ -72,26 +73,6 @@ def resolve_refrag(name_or_path: str) -> Path:
     if not (path / CONFIG).is_file():
         raise FileNotFoundError(f"no REFRAG model at {path}: expected {CONFIG}; shipped: {', '.join(shipped())}")
     return path
-
-
-def merge_lora(model: torch.nn.Module, adapter: dict[str, torch.Tensor], scale: float) -> None:
-    modules = dict(model.named_modules())
-    for key in adapter:
-        if key.endswith(".lora_A"):
-            name = key.removesuffix(".lora_A")
-            lin = modules[name]
-            new = lin.weight.detach().float() + scale * (adapter[f"{name}.lora_B"].float() @ adapter[key].float())
-            lin.weight = torch.nn.Parameter(new.to(lin.weight.dtype), requires_grad=False)
-
-
-def lora_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """peft's `x.lora_A.default.weight` -> our `x.lora_A` (float32, contiguous)."""
-    out = {}
-    for name, p in model.named_parameters():
-        if ".lora_A." in name or ".lora_B." in name:
-            base, kind = name.split(".lora_")[0], "lora_A" if ".lora_A." in name else "lora_B"
-            out[f"{base}.{kind}"] = p.detach().float().contiguous().cpu()
-    return out
 
 
 def load_parts(folder: Path, cfg: RefragConfig, device: torch.device, out_rms: float = 0.1):

@@ -16,8 +16,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-import torch.nn as nn
+from sieve.backbone.lora import merge_lora  # noqa: F401 (re-exported)
 
 CONFIG = "reranker.json"
 ADAPTER = "adapter.safetensors"
@@ -63,24 +62,6 @@ def resolve_reranker(name_or_path: str) -> Path:
         shipped = sorted(p.name for p in packaged("").iterdir() if (p / CONFIG).is_file())
         raise FileNotFoundError(f"no reranker at {path}: expected {CONFIG}; shipped: {', '.join(shipped)}")
     return path
-
-
-def merge_lora(model: nn.Module, adapter: dict[str, torch.Tensor], scale: float) -> int:
-    """W <- W + scale * B @ A for every adapted linear; returns how many were merged."""
-    modules = dict(model.named_modules())
-    merged = 0
-    for key in adapter:
-        if not key.endswith(".lora_A"):
-            continue
-        name = key.removesuffix(".lora_A")
-        if name not in modules:
-            raise KeyError(f"adapter targets {name!r}, which the backbone does not have")
-        lin = modules[name]
-        a, b = adapter[key].float(), adapter[f"{name}.lora_B"].float()
-        new = lin.weight.detach().float() + scale * (b @ a)
-        lin.weight = nn.Parameter(new.to(lin.weight.dtype), requires_grad=False)  # a new tensor: the cache is mmapped
-        merged += 1
-    return merged
 
 
 def reranker_from_config(backbone, cfg: RerankerConfig, *, name: str):

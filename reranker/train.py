@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from sieve.backbone.lora import lora_state
 
 from .data import RankingExample, ScifactTrainLists
 from .first import MODE, TreeLayout, sequence_scores, tree_attention
@@ -136,16 +137,6 @@ def losses(model, enc: Encoded, ids: IdTokens, device) -> tuple[torch.Tensor, to
     w = (1.0 / (r[:, None] + r[None, :] + 2)).masked_fill(~upper, 0.0)
     first = (w * F.softplus(ranked[None, :] - ranked[:, None])).sum() / w.sum().clamp(min=1e-9)
     return lm, first
-
-
-def lora_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """peft's `x.lora_A.default.weight` -> our `x.lora_A` (float32, contiguous)."""
-    out = {}
-    for name, p in model.named_parameters():
-        if ".lora_A." in name or ".lora_B." in name:
-            base, kind = name.split(".lora_")[0], "lora_A" if ".lora_A." in name else "lora_B"
-            out[f"{base}.{kind}"] = p.detach().float().contiguous().cpu()
-    return out
 
 
 def train(cfg: TrainConfig, *, home: Path, device: str = "auto", progress: bool = True,

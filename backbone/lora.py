@@ -1,0 +1,37 @@
+"""LoRA adapters in Sieve's file format (`<linear>.lora_A` / `<linear>.lora_B`, float32): taken from a peft-injected
+model after training, and merged into the backbone's linears at load (W <- W + scale * B @ A), so inference runs
+the plain model. The embedder, the reranker and REFRAG all ship adapters this way."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+def lora_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """peft's `x.lora_A.default.weight` -> our `x.lora_A` (float32, contiguous, on the CPU)."""
+    out = {}
+    for name, p in model.named_parameters():
+        if ".lora_A." in name or ".lora_B." in name:
+            base, kind = name.split(".lora_")[0], "lora_A" if ".lora_A." in name else "lora_B"
+            out[f"{base}.{kind}"] = p.detach().float().contiguous().cpu()
+    return out
+
+
+def merge_lora(model: nn.Module, adapter: dict[str, torch.Tensor], scale: float) -> int:
+    """W <- W + scale * B @ A for every adapted linear, on the weight's device; returns how many were merged."""
+    modules = dict(model.named_modules())
+    merged = 0
+    for key in adapter:
+        if not key.endswith(".lora_A"):
+            continue
+        name = key.removesuffix(".lora_A")
+        if name not in modules:
+            raise KeyError(f"adapter targets {name!r}, which the backbone does not have")
+        lin = modules[name]
+        dev = lin.weight.device  # adapters load on the CPU; the backbone may live on a GPU
+        a, b = adapter[key].to(dev, torch.float32), adapter[f"{name}.lora_B"].to(dev, torch.float32)
+        new = lin.weight.detach().float() + scale * (b @ a)
+        lin.weight = nn.Parameter(new.to(lin.weight.dtype), requires_grad=False)  # a new tensor: the cache is mmapped
+        merged += 1
+    return merged
