@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from sieve.results import RESULTS, device_name, git_commit, write_results
 
-__all__ = ["RESULTS", "device_name", "git_commit", "timeit_paired", "write_results"]
+__all__ = ["RESULTS", "cuda_graph_seconds", "device_name", "git_commit", "timeit_paired", "write_results"]
 
 
 def timeit_paired(fns: dict[str, Callable[[], object]], *, warmup: int = 1, repeat: int = 5,
@@ -26,4 +26,38 @@ def timeit_paired(fns: dict[str, Callable[[], object]], *, warmup: int = 1, repe
             fn()
             sync()
             times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def cuda_graph_seconds(fns: dict[str, Callable[[], object]], *, inner: int = 20, repeat: int = 10) -> dict[str, float]:
+    """GPU seconds per call of each system: `inner` calls captured in one CUDA graph, replays timed with CUDA
+    events (median of `repeat`, interleaved). Host launch overhead is left out, as in a graph-captured decode
+    loop; what remains is the kernels' own time (METHOD.md: time many small launches as graph replays)."""
+    import torch
+
+    graphs = {}
+    for name, fn in fns.items():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm up (and autotune) outside the capture
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(inner):
+                fn()
+        graph.replay()
+        graphs[name] = graph
+    torch.cuda.synchronize()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, graph in graphs.items():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            times[name].append(start.elapsed_time(end) / 1e3 / inner)
     return {name: statistics.median(ts) for name, ts in times.items()}

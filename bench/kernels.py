@@ -9,6 +9,8 @@ Matmul (y = x @ W^T, bf16 activations):
     torch-matmul  torch.matmul with bf16 weights (float32 on the CPU smoke run)
     int8    Triton int8 GEMV/GEMM; int4: Triton int4 (group 128; 64 where K is 576)
     for the backbone's linears and a 4096x4096 / 14336x4096 (up) / 4096x14336 (down) layer, M = 1, 4, 16, 64.
+    On CUDA `us` is GPU time per call from CUDA-graph replays (a decode step is graph-captured; a tiny GEMV's
+    host launch costs more than the kernel) and `eager_us` the per-call time with launch and sync included.
 
 On GPU:   python bench/kernels.py --device cuda                 (8K, 32K, 64K, 128K; writes kernels-cuda.json)
 On CPU:   python bench/kernels.py                               (tiny sizes, torch reference paths: a smoke run)
@@ -25,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import device_name, timeit_paired, write_results  # noqa: E402
+from common import cuda_graph_seconds, device_name, timeit_paired, write_results  # noqa: E402
 from sieve.kernels import (  # noqa: E402
     block_sparse_attention,
     block_sparse_attention_reference,
@@ -135,13 +137,17 @@ def _matmul_layer(layer: str, n: int, k: int, batches: list[int], device, dtype,
             "int8": lambda x=x: i8(x, w8, s8),
             "int4": lambda x=x: i4(x, w4, s4, z4),
         }
-        times = timeit_paired(runs, repeat=repeat, sync=sync)
+        eager = timeit_paired(runs, repeat=repeat, sync=sync)
+        times = cuda_graph_seconds(runs) if cuda else eager
         ref = x.float() @ wd.float().t()
         for system, s in times.items():
             row = {"system": system, "op": "gemv" if m <= 16 else "gemm", "layer": layer, "n": n, "k": k, "m": m,
                    "device": dev_name, "dtype": str(dtype).removeprefix("torch."), "us": round(s * 1e6, 2),
+                   "timing": "cuda-graph replay" if cuda else "per call",
                    "speedup_vs_torch": round(times["torch-matmul"] / s, 2),
                    "weight_gb_per_s": round(n * k * bytes_per_weight[system] / s / 1e9, 1)}
+            if cuda:
+                row["eager_us"] = round(eager[system] * 1e6, 2)
             if system != "torch-matmul":
                 y = runs[system]().float()
                 row["rel_err_vs_torch"] = round(((y - ref).norm() / ref.norm()).item(), 4)

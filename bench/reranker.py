@@ -88,8 +88,12 @@ def main() -> None:
     ap.add_argument("--top-k", type=int, default=None, help="also full and sliding asked for the top k only")
     ap.add_argument("--no-pack", action="store_true", help="plain nn.Linear weights (the service packs float32 "
                     "linears for oneDNN on the CPU, backbone.runtime.apply_speed_options)")
+    ap.add_argument("--no-cudnn-sdpa", action="store_true", help="CUDA: keep torch's cuDNN attention backend out "
+                    "(it builds a plan for every new shape; flash / memory-efficient / math remain)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.no_cudnn_sdpa:
+        torch.backends.cuda.enable_cudnn_sdp(False)
     settings = Settings()
     reranker = load_reranker(args.model, home=settings.home / "cache", device=args.device, dtype=args.dtype)
     reranker.window, reranker.stride = args.window, args.stride
@@ -131,7 +135,8 @@ def main() -> None:
             rows.append({
                 "system": reranker.name, "mode": mode, "passages": n, "queries": len(qids), "top_k": top_k,
                 "window": f"{args.window}/{args.stride}" if mode.startswith("sliding") else "",
-                "device": device_name(args.device), "dtype": str(reranker.backbone.dtype).removeprefix("torch."),
+                "device": device_name(args.device), "sdpa": "no cuDNN" if args.no_cudnn_sdpa else "torch default",
+                "dtype": str(reranker.backbone.dtype).removeprefix("torch."),
                 "weights": "plain" if args.no_pack else "oneDNN-packed where float32 on CPU",
                 "seconds": round(seconds, 3),
                 "tokens_processed": round(statistics.mean(s.tokens_processed for s in st), 1),

@@ -10,17 +10,28 @@ Kp is K rounded up to the group size G (padding columns quantize to 0 and meet x
 convention is the one of torch's CPU `_weight_int4pack_mm_for_cpu` (and gpt-fast), so the CPU path can use it.
 
 Each op has `<op>_reference` (plain torch: dequantize, then matmul in float32) and `<op>` (the Triton launcher,
-same signature). One kernel serves both regimes: GEMV for decode (M <= 16: one 16-row tile, split-K over K so
-that enough programs run) and GEMM for prefill (larger tiles, no split). Accumulation is float32.
+same signature). Three regimes, accumulation always float32:
+
+- GEMV (M <= 4, decode): no tensor cores. Each program streams a [BLOCK_N, BLOCK_K] tile of packed weights,
+  multiplies by x's row and reduces along K; split-K so that every SM has work. int4 applies a tile's scale
+  and zero once per output row: sum_k ((q - 8) s + z) x = s sum_k (q - 8) x + z sum_k x. Block sizes are
+  autotuned per (N, K) on CUDA (the first call of a shape times a few configs).
+- small batches (M <= 16): one 16-row `tl.dot` tile, split-K.
+- GEMM (prefill): larger `tl.dot` tiles, no split.
 """
 
 from __future__ import annotations
+
+import functools
+import os
 
 import torch
 import triton
 import triton.language as tl
 
-GEMV_MAX_M = 16
+GEMV_MAX_M = 16  # up to here: one 16-row dot tile with split-K
+VECTOR_MAX_M = 4  # up to here: the dot-free GEMV kernels
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 # --------------------------------------------------------------------------------------------- quantization
@@ -170,7 +181,87 @@ def _int4_matmul_kernel(
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & n_ok[None, :])
 
 
+@triton.jit
+def _int8_gemv_kernel(
+    x_ptr, w_ptr, s_ptr, out_ptr,
+    N, K,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_os, stride_om, stride_on,
+    K_PER_SPLIT,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # grid: (cdiv(N, BLOCK_N), SPLIT_K, M); program (n-tile, s, row) owns out[s, row, n-tile]
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    row = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    k_start = split * K_PER_SPLIT
+    for k0 in range(k_start, k_start + K_PER_SPLIT, BLOCK_K):
+        k = k0 + offs_k
+        k_ok = k < K
+        x = tl.load(x_ptr + row * stride_xm + k * stride_xk, mask=k_ok, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + offs_n[:, None] * stride_wn + k[None, :] * stride_wk,
+                    mask=n_ok[:, None] & k_ok[None, :], other=0)  # [BLOCK_N, BLOCK_K] int8
+        acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+    acc = acc * tl.load(s_ptr + offs_n, mask=n_ok, other=0.0)
+    tl.store(out_ptr + split * stride_os + row * stride_om + offs_n * stride_on,
+             acc.to(out_ptr.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit
+def _int4_gemv_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, out_ptr,
+    N, K,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sg, stride_os, stride_om, stride_on,
+    K_PER_SPLIT,
+    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # BLOCK_K divides GROUP: one scale and zero per output row in a tile, applied after the reduction
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    row = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    offs_h = tl.arange(0, BLOCK_K // 2)  # byte index within the tile
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    k_start = split * K_PER_SPLIT
+    x_row = x_ptr + row * stride_xm
+    for k0 in range(k_start, k_start + K_PER_SPLIT, BLOCK_K):
+        k_even = k0 + 2 * offs_h
+        x_lo = tl.load(x_row + k_even * stride_xk, mask=k_even < K, other=0.0).to(tl.float32)
+        x_hi = tl.load(x_row + (k_even + 1) * stride_xk, mask=k_even + 1 < K, other=0.0).to(tl.float32)
+        byte = k0 // 2 + offs_h
+        packed = tl.load(w_ptr + offs_n[:, None] * stride_wn + byte[None, :] * stride_wk,
+                         mask=n_ok[:, None] & (2 * byte[None, :] < K), other=0)  # [BLOCK_N, BLOCK_K/2] uint8
+        lo = (packed & 0xF).to(tl.float32) - 8.0
+        hi = (packed >> 4).to(tl.float32) - 8.0
+        dot = tl.sum(lo * x_lo[None, :] + hi * x_hi[None, :], axis=1)  # sum_k (q - 8) x, per row
+        g = k0 // GROUP
+        g_ok = n_ok & ((offs_n * 0 + k0) < K)
+        scale = tl.load(s_ptr + offs_n * stride_sn + g * stride_sg, mask=g_ok, other=0.0)
+        zero = tl.load(z_ptr + offs_n * stride_sn + g * stride_sg, mask=g_ok, other=0.0)
+        acc += scale * dot + zero * (tl.sum(x_lo, axis=0) + tl.sum(x_hi, axis=0))
+    tl.store(out_ptr + split * stride_os + row * stride_om + offs_n * stride_on,
+             acc.to(out_ptr.dtype.element_ty), mask=n_ok)
+
+
+def _gemv_configs() -> list:
+    return [triton.Config({"BLOCK_N": bn}, num_warps=w) for bn in (16, 32, 64) for w in (2, 4)]
+
+
+# On CUDA the GEMV block sizes are autotuned per (N, K); the interpreter runs one fixed config.
+_int8_gemv = _int8_gemv_kernel if INTERPRET else triton.autotune(_gemv_configs(), key=["N", "K"])(_int8_gemv_kernel)
+_int4_gemv = _int4_gemv_kernel if INTERPRET else triton.autotune(_gemv_configs(), key=["N", "K"])(_int4_gemv_kernel)
+
+
 # --------------------------------------------------------------------------------------------- launchers
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
 def _launch_config(m: int, n: int, k: int, block_k: int, device: torch.device) -> dict:
@@ -179,8 +270,7 @@ def _launch_config(m: int, n: int, k: int, block_k: int, device: torch.device) -
         block_n = 64
         k_blocks = triton.cdiv(k, block_k)
         programs = triton.cdiv(n, block_n)
-        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-        split = max(1, min(k_blocks, triton.cdiv(2 * sms, programs), 16))
+        split = max(1, min(k_blocks, triton.cdiv(2 * _sm_count(device), programs), 16))
         return dict(BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, split=split, num_warps=4)
     big = m >= 128 and n >= 128
     return dict(BLOCK_M=64 if big else 32, BLOCK_N=128 if big else 64, BLOCK_K=min(block_k, 64), split=1,
@@ -209,11 +299,42 @@ def _run(kernel, x: torch.Tensor, n: int, k: int, block_k: int, weights: tuple, 
     return y.view(*lead, n)
 
 
+def _run_gemv(kernel, x: torch.Tensor, n: int, k: int, block_k: int, weights: tuple, weight_strides: tuple,
+              extra_constexpr: dict) -> torch.Tensor:
+    # split-K so that ~4 programs per SM run (with BLOCK_N = 32, the middle of the tuned range); each split's
+    # K range is whole BLOCK_K tiles, so a tile never straddles two splits (nor, for int4, two groups)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    if m == 0:
+        return x.new_zeros(*lead, n)
+    k_blocks = triton.cdiv(k, block_k)
+    split = max(1, min(k_blocks, triton.cdiv(4 * _sm_count(x.device), triton.cdiv(n, 32) * m), 16))
+    per_split = triton.cdiv(k_blocks, split) * block_k
+    split = triton.cdiv(k, per_split)
+    out = torch.empty((split, m, n), device=x.device, dtype=torch.float32 if split > 1 else x.dtype)
+
+    def grid(meta):
+        return (triton.cdiv(n, meta["BLOCK_N"]), split, m)
+
+    fixed = {"BLOCK_N": 32, "num_warps": 4} if INTERPRET else {}
+    kernel[grid](x2, *weights, out, n, k, x2.stride(0), x2.stride(1), *weight_strides,
+                 out.stride(0), out.stride(1), out.stride(2), per_split, BLOCK_K=block_k, **extra_constexpr, **fixed)
+    y = out[0] if split == 1 else out.sum(0).to(x.dtype)
+    return y.view(*lead, n)
+
+
+def _rows(x: torch.Tensor) -> int:
+    return x.numel() // x.shape[-1] if x.shape[-1] else 0
+
+
 def int8_matmul(x: torch.Tensor, w_q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """Triton: same contract as `int8_matmul_reference`."""
     n, k = w_q.shape
     if x.shape[-1] != k:
         raise ValueError(f"x has K={x.shape[-1]}, weight has K={k}")
+    if _rows(x) <= VECTOR_MAX_M:
+        return _run_gemv(_int8_gemv, x, n, k, 128, (w_q, scales), (w_q.stride(0), w_q.stride(1)), {})
     return _run(_int8_matmul_kernel, x, n, k, 128, (w_q, scales), (w_q.stride(0), w_q.stride(1)), {})
 
 
@@ -228,5 +349,8 @@ def int4_matmul(x: torch.Tensor, w_q: torch.Tensor, scales: torch.Tensor, zeros:
     if scales.stride() != zeros.stride():
         zeros = zeros.reshape(scales.shape).contiguous()
         scales = scales.contiguous()
+    if _rows(x) <= VECTOR_MAX_M:
+        return _run_gemv(_int4_gemv, x, n, k, min(group, 128), (w_q, scales, zeros),
+                         (w_q.stride(0), w_q.stride(1), scales.stride(0), scales.stride(1)), {"GROUP": group})
     return _run(_int4_matmul_kernel, x, n, k, min(group, 128), (w_q, scales, zeros),
                 (w_q.stride(0), w_q.stride(1), scales.stride(0), scales.stride(1)), {"GROUP": group})
