@@ -14,7 +14,7 @@ Matmul (y = x @ W^T, bf16 activations):
 
 On GPU:   python bench/kernels.py --device cuda                 (8K, 32K, 64K, 128K; writes kernels-cuda.json)
 On CPU:   python bench/kernels.py                               (tiny sizes, torch reference paths: a smoke run)
-Crossover for SparseConfig.min_length: add --lengths 1024,2048,4096,8192,16384.
+Crossover for SparseConfig.min_length: add --lengths 8192,16384,24576,32768,65536 (and --estimator compiled).
 """
 
 from __future__ import annotations
@@ -102,6 +102,7 @@ def _attention_at(t: int, device, dtype, sync, repeat: int, cfg: SparseConfig, d
         if system.startswith("sparse"):
             row["block_density"] = round(density, 4)
             row["vertical_slash_heads"] = int(vs.sum())
+            row["estimator"] = "torch.compile" if cfg.compile and device.type == "cuda" else "eager"
             if err is not None and system == "sparse":
                 row["max_abs_diff_vs_dense"] = round(err, 4)
         rows.append(row)
@@ -166,6 +167,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=None)
     ap.add_argument("--threads", type=int, default=1, help="CPU threads (the machine is shared: 1 by default)")
     ap.add_argument("--skip", default="", help="attention and/or matmul")
+    ap.add_argument("--estimator", choices=("eager", "compiled"), default="eager",
+                    help="the sparse-pattern estimator eager or through torch.compile (SparseConfig.compile)")
     ap.add_argument("--name", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -177,7 +180,7 @@ def main() -> None:
     repeat = args.repeat or (10 if cuda else 3)
     default_lengths = "8192,32768,65536,131072" if cuda else "512,1024"
     lengths = [int(x) for x in (args.lengths or default_lengths).split(",")]
-    cfg = SparseConfig(gamma=args.gamma, min_length=0)
+    cfg = SparseConfig(gamma=args.gamma, min_length=0, compile=args.estimator == "compiled")
     rows: list[dict] = []
     if "attention" not in args.skip:
         rows += bench_attention(lengths, device, dtype, sync, repeat, cfg, dev_name)

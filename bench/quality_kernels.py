@@ -116,7 +116,8 @@ def main() -> None:
     ap.add_argument("--max-windows", type=int, default=None, help="limit windows per setting (smoke runs)")
     ap.add_argument("--schemes", default="fp32,int8,int4")
     ap.add_argument("--gamma", type=float, default=SparseConfig.gamma)
-    ap.add_argument("--min-length", type=int, default=SparseConfig.min_length)
+    ap.add_argument("--min-length", type=int, default=4096, help="sparse below this many keys stays dense (the "
+                    "library default, 64K, is past the model's 8K context)")
     ap.add_argument("--needle-lengths", default="2048,4096,8000")
     ap.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9")
     ap.add_argument("--skip", default="", help="comma list of: quant, sparse, needle")

@@ -88,23 +88,23 @@ def main() -> None:
     ap.add_argument("--top-k", type=int, default=None, help="also full and sliding asked for the top k only")
     ap.add_argument("--no-pack", action="store_true", help="plain nn.Linear weights (the service packs float32 "
                     "linears for oneDNN on the CPU, backbone.runtime.apply_speed_options)")
-    ap.add_argument("--no-cudnn-sdpa", action="store_true", help="CUDA: keep torch's cuDNN attention backend out "
-                    "(it builds a plan for every new shape; flash / memory-efficient / math remain)")
+    ap.add_argument("--cudnn-sdpa", action="store_true", help="CUDA: let SDPA use cuDNN attention again (the backbone "
+                    "turns it off: it builds a plan for every new shape)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    if args.no_cudnn_sdpa:
-        torch.backends.cuda.enable_cudnn_sdp(False)
     settings = Settings()
     reranker = load_reranker(args.model, home=settings.home / "cache", device=args.device, dtype=args.dtype)
+    if args.cudnn_sdpa:
+        torch.backends.cuda.enable_cudnn_sdp(True)
     reranker.window, reranker.stride = args.window, args.stride
     apply_speed_options(reranker.backbone.model, pack=not args.no_pack)  # as the service runs it
     rows_to_run = {mode: (reranker, mode, None) for mode in MODES}
     if args.top_k:
         rows_to_run |= {row_label(mode, args.top_k): (reranker, mode, args.top_k) for mode in ("full", "sliding")}
     if args.sparse:
-        from sieve.kernels import SparseStats, register_sparse_attention
+        from sieve.kernels import SparseConfig, SparseStats, register_sparse_attention
 
-        sparse_fn, _ = register_sparse_attention()
+        sparse_fn, _ = register_sparse_attention(SparseConfig(min_length=4096))  # the 8K prompt goes sparse
         variant = copy.copy(reranker)
         variant.prefill_mode = "sparse"
         rows_to_run |= {f"{mode}{SPARSE}": (variant, mode, None) for mode in ("full", "sliding")}
@@ -135,7 +135,7 @@ def main() -> None:
             rows.append({
                 "system": reranker.name, "mode": mode, "passages": n, "queries": len(qids), "top_k": top_k,
                 "window": f"{args.window}/{args.stride}" if mode.startswith("sliding") else "",
-                "device": device_name(args.device), "sdpa": "no cuDNN" if args.no_cudnn_sdpa else "torch default",
+                "device": device_name(args.device), "sdpa": "with cuDNN" if args.cudnn_sdpa else "no cuDNN",
                 "dtype": str(reranker.backbone.dtype).removeprefix("torch."),
                 "weights": "plain" if args.no_pack else "oneDNN-packed where float32 on CPU",
                 "seconds": round(seconds, 3),

@@ -36,11 +36,15 @@ class SparseConfig:
     sink_blocks: int = 1  # always-kept first key blocks
     local_blocks: int = 2  # always-kept diagonal blocks: the query's own block and the one before it
     # Calls whose key length is below this run dense SDPA: estimation and block bookkeeping only pay off on long
-    # inputs. Unmeasured default; `python bench/kernels.py --device cuda` prints the crossover to set it from.
-    min_length: int = 4096
-    # On CUDA the estimator runs through torch.compile: it is ~60 small ops, launch-bound in eager mode (measured
-    # on an H200: 4.3 -> 0.9 ms at 8K, 2.7 -> 1.3 ms at 32K, 7.4 -> 3.5 ms at 128K). A new shape compiles first.
-    compile: bool = True
+    # inputs. Measured on an H200 against SDPA (bench/kernels.py, 9/3 heads x 64, bf16): with the eager estimator
+    # sparse loses at 32K (4.24 vs 2.79 ms) and wins at 64K (6.09 vs 10.30 ms), so dense stays below 64K; with the
+    # compiled one the crossover is between 24K (1.77 vs 1.63 ms) and 32K (2.08 vs 2.74 ms). On a CPU the sparse
+    # path is the torch reference, which never pays. Pass a smaller value to study the pattern on shorter inputs.
+    min_length: int = 65536
+    # torch.compile the estimator on CUDA: ~60 small ops, launch-bound in eager mode (H200, fixed shapes: 4.3 -> 0.9
+    # ms at 8K, 2.7 -> 1.3 ms at 32K). Off by default: every new input length recompiles (a 100-passage rerank
+    # took 12.7 s instead of 0.56 s), so it only pays for fixed lengths (bench/kernels.py --estimator compiled).
+    compile: bool = False
 
 
 def _pool_blocks(x: torch.Tensor, block_size: int, valid: torch.Tensor | None = None) -> torch.Tensor:

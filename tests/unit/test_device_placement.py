@@ -29,3 +29,15 @@ def test_merge_lora_moves_the_adapter_to_the_weights_device():
     adapter = {"layers.0.attention.wqkv.lora_A": torch.randn(4, k), "layers.0.attention.wqkv.lora_B": torch.randn(n, 4)}
     assert merge_lora(model, adapter, 2.0) == 1
     assert model.layers[0].attention.wqkv.weight.device.type == "meta"
+
+
+def test_cuda_backbones_keep_cudnn_attention_out():
+    from sieve.backbone.loader import use_shape_stable_attention
+
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        use_shape_stable_attention()
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)
