@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -44,6 +45,15 @@ def test_generate_streams_and_reports(tiny_env):
     assert quick.returncode == 0 and "generated" in quick.stderr, quick.stderr
     info = json.loads(run_cli("info", "--json", "--quant", "int8", env=tiny_env).stdout)
     assert info["quantization"]["scheme"] == "int8" and "sparse" in info["attention_modes"]
+    long_prompt = " ".join(f"word{i}" for i in range(25))  # ~160 tokens: over two 64-token blocks of queries
+    forced = run_cli("generate", long_prompt, "--max-new-tokens", "2", "--no-chat", "--attention", "sparse",
+                     "--sparse-min-length", "0", env=tiny_env)
+    assert forced.returncode == 0, forced.stderr
+    used = re.search(r"sparse prefill: (\d+) of (\d+) attention calls", forced.stderr)
+    assert used and int(used[1]) == int(used[2]) > 0
+    default = run_cli("generate", long_prompt, "--max-new-tokens", "2", "--no-chat", "--attention", "sparse",
+                      env=tiny_env)  # under the 64K default: dense
+    assert re.search(r"sparse prefill: 0 of [1-9]\d* attention calls", default.stderr), default.stderr
     bad = run_cli("generate", "hello", "--quant", "int3", env=tiny_env)
     assert bad.returncode == 1 and "int8 or int4" in bad.stderr
 
