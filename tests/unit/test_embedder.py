@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 import torch
-from sieve.backbone import load_backbone
 from sieve.embedder import (
     Embedder,
     InputTooLong,
@@ -17,7 +16,7 @@ from sieve.embedder import (
 from sieve.embedder.batching import default_batch_tokens, token_budget_batches
 from torch.testing import assert_close
 
-from .tiny_files import write_tiny_gguf
+from .tiny_files import load_tiny_backbone
 
 TEXTS = ["hello world", "the longest text of them all, with many more words than the others in here",
          "short", "hello there, world of retrieval"]
@@ -25,9 +24,7 @@ TEXTS = ["hello world", "the longest text of them all, with many more words than
 
 @pytest.fixture(scope="module")
 def backbone(tmp_path_factory):
-    path = tmp_path_factory.mktemp("emb") / "tiny.gguf"
-    write_tiny_gguf(path)
-    return load_backbone(path, home=tmp_path_factory.mktemp("home"), device="cpu", dtype="float32")
+    return load_tiny_backbone(tmp_path_factory)
 
 
 @pytest.fixture

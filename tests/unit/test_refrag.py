@@ -6,13 +6,13 @@ import threading
 
 import pytest
 import torch
-from sieve.backbone import ModelArgs, generate, load_backbone
+from sieve.backbone import generate
 from sieve.refrag import Answerer, EncodedPassage, Projector, Refrag, block_spans, encode_blocks
 from sieve.refrag.policy import n_expanded, score_blocks, select
 from sieve.refrag.projector import PolicyScorer
 from torch.testing import assert_close
 
-from .tiny_files import write_tiny_gguf
+from .tiny_files import load_tiny_backbone
 
 WORDS = "the cell protein gene aspirin heart risk study patients cancer blood level increase effect".split()
 
@@ -42,11 +42,7 @@ def text(n_words: int, seed: int = 0) -> str:
 
 @pytest.fixture(scope="module")
 def backbone(tmp_path_factory):
-    args = ModelArgs.from_name("tiny")
-    args.max_seq_len = 1024
-    path = tmp_path_factory.mktemp("rf") / "tiny.gguf"
-    write_tiny_gguf(path, args)
-    return load_backbone(path, home=tmp_path_factory.mktemp("home"), device="cpu", dtype="float32")
+    return load_tiny_backbone(tmp_path_factory, max_seq_len=1024)
 
 
 @pytest.fixture()

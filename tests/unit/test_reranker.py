@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from sieve.backbone import ModelArgs, load_backbone, sample
+from sieve.backbone import load_backbone, sample
 from sieve.reranker import (
     IdTokens,
     PermutationConstraint,
@@ -21,7 +21,7 @@ from sieve.reranker.listwise import window_ids_needed
 from sieve.reranker.model_dir import RerankerConfig, resolve_reranker
 from torch.testing import assert_close
 
-from .tiny_files import write_tiny_gguf
+from .tiny_files import load_tiny_backbone, write_tiny_gguf
 
 WORDS = "the cell protein gene aspirin heart risk study patients cancer blood level increase effect".split()
 
@@ -38,11 +38,7 @@ def is_permutation(order: list[int], n: int) -> bool:
 
 @pytest.fixture(scope="module")
 def backbone(tmp_path_factory):
-    args = ModelArgs.from_name("tiny")
-    args.max_seq_len = 4096  # room for 100 passages; the weights do not depend on it
-    path = tmp_path_factory.mktemp("rr") / "tiny.gguf"
-    write_tiny_gguf(path, args)
-    return load_backbone(path, home=tmp_path_factory.mktemp("home"), device="cpu", dtype="float32")
+    return load_tiny_backbone(tmp_path_factory, max_seq_len=4096)  # room for 100 passages
 
 
 @pytest.fixture(scope="module")

@@ -12,21 +12,16 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from sieve.backbone import ModelArgs, load_backbone
 from sieve.reranker import IdTokens, PermutationConstraint, Reranker
 from sieve.reranker.speculative import draft_tokens, speculative_decode
 
 from .test_reranker import passages
-from .tiny_files import write_tiny_gguf
+from .tiny_files import load_tiny_backbone
 
 
 @pytest.fixture(scope="module")
 def backbone(tmp_path_factory):
-    args = ModelArgs.from_name("tiny")
-    args.max_seq_len = 4096
-    path = tmp_path_factory.mktemp("spec") / "tiny.gguf"
-    write_tiny_gguf(path, args)
-    return load_backbone(path, home=tmp_path_factory.mktemp("home"), device="cpu", dtype="float32")
+    return load_tiny_backbone(tmp_path_factory, max_seq_len=4096)
 
 
 @pytest.fixture(scope="module")

@@ -122,3 +122,16 @@ def write_beir(folder: Path, docs: dict[str, str], queries: dict[str, str], qrel
     (folder / "queries.jsonl").write_text("".join(json.dumps({"_id": k, "text": v}) + "\n" for k, v in queries.items()))
     (folder / "qrels" / f"{split}.tsv").write_text("query-id\tcorpus-id\tscore\n" +
                                                    "".join(f"{q}\t{d}\t{g}\n" for q, d, g in qrels))
+
+
+def load_tiny_backbone(tmp_path_factory, max_seq_len: int | None = None):
+    """A tiny random-weight GGUF written to a temp folder and loaded (float32, CPU); `max_seq_len` sets its context
+    (the weights do not depend on it)."""
+    from sieve.backbone import load_backbone
+
+    args = ModelArgs.from_name("tiny")
+    if max_seq_len is not None:
+        args.max_seq_len = max_seq_len
+    path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
+    write_tiny_gguf(path, args)
+    return load_backbone(path, home=tmp_path_factory.mktemp("home"), device="cpu", dtype="float32")
