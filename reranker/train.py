@@ -114,6 +114,27 @@ def encode_example(ex: RankingExample, builder: PromptBuilder, ids: IdTokens) ->
     return Encoded(seq, positions, layout, targets, list(ex.order), visible - 1)
 
 
+def target_tensors(targets: list[tuple[int, list[int], int, float]]) -> tuple[torch.Tensor, ...]:
+    """The id-token targets as padded tensors, so one gather and one log-softmax score them all (no per-target
+    launches or host-to-device copies): allowed tokens [k, A] (padded with the first), valid [k, A], the target's
+    index in its allowed list [k], weight [k]."""
+    width = max(len(a) for _, a, _, _ in targets)
+    allowed = torch.tensor([a + [a[0]] * (width - len(a)) for _, a, _, _ in targets], dtype=torch.long)
+    valid = torch.arange(width)[None, :] < torch.tensor([len(a) for _, a, _, _ in targets])[:, None]
+    target = torch.tensor([t for _, _, t, _ in targets], dtype=torch.long)
+    weight = torch.tensor([w for *_, w in targets], dtype=torch.float32)
+    return allowed, valid, target, weight
+
+
+def id_token_loss(logits: torch.Tensor, targets: list[tuple[int, list[int], int, float]]) -> torch.Tensor:
+    """Importance-aware CE: logits [k, V] at the k target positions; each target's log-probability normalized over
+    the tokens constrained decoding allows there, weighted by rank."""
+    allowed, valid, target, weight = (t.to(logits.device) for t in target_tensors(targets))
+    chosen = logits.gather(1, allowed).masked_fill(~valid, float("-inf"))  # [k, widest choice]
+    logp = torch.log_softmax(chosen, -1).gather(1, target[:, None]).squeeze(1)
+    return -(logp * weight).sum() / weight.sum()
+
+
 def losses(model, enc: Encoded, ids: IdTokens, device) -> tuple[torch.Tensor, torch.Tensor]:
     """(importance-aware CE over id tokens, weighted RankNet over FIRST scores) of one list."""
     seq, pos = enc.ids.to(device), enc.positions.to(device)
@@ -122,13 +143,8 @@ def losses(model, enc: Encoded, ids: IdTokens, device) -> tuple[torch.Tensor, to
     c, m = enc.layout.causal_len, len(enc.layout.tokens)
     at = torch.tensor([t[0] for t in enc.targets] + [enc.root_at] + list(range(c, c + m)), device=device)
     logits = model.output(hidden[at]).float()
-    nll, weights = [], []
-    for row, (_, allowed, target, w) in enumerate(enc.targets):
-        logp = torch.log_softmax(logits[row, torch.tensor(allowed, device=device)], -1)
-        nll.append(-logp[target] * w)
-        weights.append(w)
-    lm = torch.stack(nll).sum() / sum(weights)
     k = len(enc.targets)
+    lm = id_token_loss(logits[:k], enc.targets)
     scores = sequence_scores(logits[k], logits[k + 1:], enc.layout, ids.close)  # [n], by id
     ranked = scores[torch.tensor(enc.label, device=device)]  # scores in label order
     n = ranked.shape[0]

@@ -184,3 +184,15 @@ def test_time_budget_stops_after_a_step_and_saves(gguf, tmp_path):
                        save=lambda m: saved.update(lora_state(m)), inject=inject)
     assert summary["steps"] == 1 and saved  # one step, then the adapter is written all the same
     assert torch.load(cfg.out / "checkpoint.pt", weights_only=False)["step"] == 1
+
+
+def test_id_token_loss_equals_one_softmax_per_target():
+    from sieve.reranker.train import id_token_loss, target_tensors
+
+    g = torch.Generator().manual_seed(0)
+    targets = [(0, [5, 9, 2], 1, 1.0), (1, [7], 0, 0.6), (2, [3, 4, 8, 11, 1], 4, 0.5)]
+    allowed, valid, _, _ = target_tensors(targets)
+    assert allowed.shape == (3, 5) and valid.sum().item() == 9  # padded to the widest choice
+    logits = torch.randn(3, 12, generator=g)
+    want = sum(-torch.log_softmax(logits[i, a], -1)[t] * w for i, (_, a, t, w) in enumerate(targets)) / 2.1
+    assert torch.allclose(id_token_loss(logits, targets), want)
