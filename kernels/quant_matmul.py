@@ -277,6 +277,18 @@ def _launch_config(m: int, n: int, k: int, block_k: int, device: torch.device) -
                 num_warps=8 if big else 4)
 
 
+def _split_k_partials(x: torch.Tensor, m: int, n: int, k: int, block_k: int, split: int) -> tuple[int, torch.Tensor]:
+    """K per split (whole BLOCK_K tiles, so a tile never straddles two splits) and the per-split outputs
+    [splits, m, n]: float32 partials when split, x's dtype when one program covers all of K."""
+    per_split = triton.cdiv(triton.cdiv(k, block_k), split) * block_k
+    splits = triton.cdiv(k, per_split)
+    return per_split, torch.empty((splits, m, n), device=x.device, dtype=torch.float32 if splits > 1 else x.dtype)
+
+
+def _sum_partials(out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return out[0] if out.shape[0] == 1 else out.sum(0).to(dtype)
+
+
 def _run(kernel, x: torch.Tensor, n: int, k: int, block_k: int, weights: tuple, weight_strides: tuple,
          extra_constexpr: dict) -> torch.Tensor:
     # (1) flatten leading dims, (2) pick GEMV/GEMM config, (3) allocate per-split partial outputs, (4) launch, sum
@@ -284,44 +296,36 @@ def _run(kernel, x: torch.Tensor, n: int, k: int, block_k: int, weights: tuple, 
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
     cfg = _launch_config(m, n, k, block_k, x.device)
-    k_blocks = triton.cdiv(k, cfg["BLOCK_K"])
-    per_split = triton.cdiv(k_blocks, cfg["split"]) * cfg["BLOCK_K"]
-    split = triton.cdiv(k, per_split)
-    out = torch.empty((split, m, n), device=x.device, dtype=torch.float32 if split > 1 else x.dtype)
-    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]), split)
+    per_split, out = _split_k_partials(x, m, n, k, cfg["BLOCK_K"], cfg["split"])
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]), out.shape[0])
     kernel[grid](
         x2, *weights, out, m, n, k, x2.stride(0), x2.stride(1), *weight_strides,
         out.stride(0), out.stride(1), out.stride(2), per_split,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
         IEEE=x.dtype == torch.float32, num_warps=cfg["num_warps"], **extra_constexpr,
     )
-    y = out[0] if split == 1 else out.sum(0).to(x.dtype)
-    return y.view(*lead, n)
+    return _sum_partials(out, x.dtype).view(*lead, n)
 
 
 def _run_gemv(kernel, x: torch.Tensor, n: int, k: int, block_k: int, weights: tuple, weight_strides: tuple,
               extra_constexpr: dict) -> torch.Tensor:
-    # split-K so that ~4 programs per SM run (with BLOCK_N = 32, the middle of the tuned range); each split's
-    # K range is whole BLOCK_K tiles, so a tile never straddles two splits (nor, for int4, two groups)
+    # split-K so that ~4 programs per SM run (with BLOCK_N = 32, the middle of the tuned range); BLOCK_K divides
+    # the int4 group, so a tile never straddles two groups either
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
     if m == 0:
         return x.new_zeros(*lead, n)
-    k_blocks = triton.cdiv(k, block_k)
-    split = max(1, min(k_blocks, triton.cdiv(4 * _sm_count(x.device), triton.cdiv(n, 32) * m), 16))
-    per_split = triton.cdiv(k_blocks, split) * block_k
-    split = triton.cdiv(k, per_split)
-    out = torch.empty((split, m, n), device=x.device, dtype=torch.float32 if split > 1 else x.dtype)
+    split = max(1, min(triton.cdiv(k, block_k), triton.cdiv(4 * _sm_count(x.device), triton.cdiv(n, 32) * m), 16))
+    per_split, out = _split_k_partials(x, m, n, k, block_k, split)
 
     def grid(meta):
-        return (triton.cdiv(n, meta["BLOCK_N"]), split, m)
+        return (triton.cdiv(n, meta["BLOCK_N"]), out.shape[0], m)
 
     fixed = {"BLOCK_N": 32, "num_warps": 4} if INTERPRET else {}
     kernel[grid](x2, *weights, out, n, k, x2.stride(0), x2.stride(1), *weight_strides,
                  out.stride(0), out.stride(1), out.stride(2), per_split, BLOCK_K=block_k, **extra_constexpr, **fixed)
-    y = out[0] if split == 1 else out.sum(0).to(x.dtype)
-    return y.view(*lead, n)
+    return _sum_partials(out, x.dtype).view(*lead, n)
 
 
 def _rows(x: torch.Tensor) -> int:
