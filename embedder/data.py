@@ -92,6 +92,14 @@ def medquad_pairs(root: Path) -> list[Pair]:
     return [Pair(r["query"], r["positive"], "medquad") for r in read_jsonl(root / "train" / "medquad_pairs.jsonl.gz")]
 
 
+def nq_train_pairs(root: Path) -> list[Pair]:
+    """NQ-open questions of the oracle set's *train* portion with their gold Wikipedia passage (never the eval
+    portion, which the REFRAG evaluation reports)."""
+    rows = read_jsonl(root / "qa" / "nq-open" / "nq-open-oracle.train.rag.jsonl.gz")
+    return [Pair(r["question"], f"{p.get('title') or ''} {p['text']}".strip(), "nq-train")
+            for r in rows for i, p in enumerate(r["passages"]) if i in r["gold"]]
+
+
 def scifact_train_pairs(root: Path) -> tuple[list[Pair], RetrievalSet]:
     """SciFact *train* claims with their abstracts (never the test split)."""
     ds = load_retrieval_set(root, "scifact", split="train")

@@ -156,18 +156,40 @@ def train_reranker(
         help="JSON of the teacher's scores for every training candidate: read if it exists, else computed and "
              "written first (a machine without the teacher trains from it)")] = None,
     max_minutes: Annotated[float | None, typer.Option(min=0.0, help="stop and save after this much training")] = None,
+    template: Annotated[str, typer.Option(help="prompt template: rankgpt, or rankgpt-echo (each passage's label "
+                                               "repeated after it)")] = "rankgpt",
+    source: Annotated[list[str] | None, typer.Option(
+        help="training lists from NAME or NAME=WEIGHT: scifact (train claims), nq (NQ-open oracle train), medquad "
+             "(repeatable or comma-separated; default scifact)")] = None,
 ) -> None:
-    """Train the sieve-rank LoRA adapter on SciFact train lists (resumes from OUT/checkpoint.pt)."""
+    """Train the sieve-rank LoRA adapter on training lists (SciFact train claims by default; resumes from
+    OUT/checkpoint.pt)."""
+    from .data import SOURCES
+    from .prompt import TEMPLATES
     from .train import TrainConfig, train
 
     settings = _settings()
     if n_min > n_max:
         raise _fail("--n-min is larger than --n-max")
+    if template not in TEMPLATES:
+        raise _fail(f"unknown template {template!r}; choose from {', '.join(TEMPLATES)}")
+    sources: dict[str, float] = {}
+    for item in _items(source) or ["scifact"]:
+        name, _, weight = item.partition("=")
+        if name not in SOURCES:
+            raise _fail(f"unknown source {name!r}; choose from {', '.join(SOURCES)}")
+        try:
+            sources[name] = float(weight or 1.0)
+        except ValueError:
+            raise _fail(f"--source {item!r}: the weight after '=' must be a number") from None
+        if sources[name] <= 0:
+            raise _fail(f"--source {item!r}: the weight must be positive")
     cfg = TrainConfig(out=out, data_root=data or settings.data_path(), steps=steps, batch_size=batch_size,
                       n_min=n_min, n_max=n_max, max_passage_tokens=max_passage_tokens, teacher=teacher,
                       lm_weight=lm_weight, first_weight=first_weight, lr=lr, lora_r=lora_r, lora_alpha=lora_alpha,
                       dtype=dtype, seed=seed, shuffle=shuffle, teacher_scores=teacher_scores,
-                      max_minutes=max_minutes)
+                      max_minutes=max_minutes, sources=sources,
+                      template=template)
     summary = train(cfg, home=settings.home / "cache", device=settings.device)
     console.print_json(json.dumps({k: v for k, v in summary.items() if k != "config"}))
 

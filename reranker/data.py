@@ -1,10 +1,16 @@
 """Complete listwise training labels from training data only ("Sliding Windows Are Not the End", section 4).
 
-For each SciFact *train* claim (never the test split): candidates are the BM25 (bm25s) top-`n` abstracts of the
-SciFact corpus, in BM25 order (the order the reranker sees at inference); judged positives missing from the top-n
-replace the lowest-ranked candidates. The label is a *complete* ranking of all n: the qrels positives first, then
+A list source holds queries with judged positives over a corpus. For a query, candidates are the BM25 (bm25s)
+top-`n` of that corpus, in BM25 order (the order the reranker sees at inference); judged positives missing from the
+top-n replace the lowest-ranked candidates. The label is a *complete* ranking of all n: the positives first, then
 every other candidate ordered by a teacher: an embedder (all-MiniLM-L6-v2 by default, or sieve-embed) or BM25
 itself. The sliding window cannot produce such labels (it only orders within windows); this does, for any n.
+
+Sources (never a split that is reported):
+- `scifact`: SciFact *train* claims over the SciFact corpus (`ScifactTrainLists`);
+- `nq`: NQ-open oracle *train* questions over the pool of their gold Wikipedia passages (`PairLists`);
+- `medquad`: MedQuAD questions over the pool of its answers (`PairLists`).
+`MixedLists` draws lists from several sources with given weights.
 """
 
 from __future__ import annotations
@@ -12,6 +18,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from pathlib import Path
+
+SOURCES = ("scifact", "nq", "medquad")
 
 
 @dataclass
@@ -22,20 +30,19 @@ class RankingExample:
     positives: int  # how many of the first entries of `order` are judged positives
 
 
-class ScifactTrainLists:
-    """SciFact train claims -> `RankingExample`s of a requested size, built lazily (teacher scores cached)."""
+class CandidateLists:
+    """Queries with judged positives over a corpus -> `RankingExample`s of a requested size, built lazily (teacher
+    scores cached)."""
 
-    def __init__(self, data_root: Path, *, depth: int = 100, teacher: str = "all-minilm-l6-v2",
-                 home: Path | None = None, device: str = "cpu"):
+    def __init__(self, corpus: dict[str, str], queries: dict[str, str], positives: dict[str, list[str]], *,
+                 depth: int = 100, teacher: str = "all-minilm-l6-v2", home: Path | None = None, device: str = "cpu"):
         import bm25s
         import Stemmer
-        from sieve.embedder.data import load_retrieval_set
 
-        ds = load_retrieval_set(data_root, "scifact", split="train")
-        self.corpus, self.doc_ids = ds.corpus, list(ds.corpus)
-        self.qids = sorted(q for q, rel in ds.qrels.items() if any(g > 0 and d in ds.corpus for d, g in rel.items()))
-        self.queries = ds.queries
-        self.positives = {q: [d for d, g in ds.qrels[q].items() if g > 0 and d in ds.corpus] for q in self.qids}
+        self.corpus, self.doc_ids = corpus, list(corpus)
+        self.qids = sorted(q for q, docs in positives.items() if any(d in corpus for d in docs))
+        self.queries = queries
+        self.positives = {q: [d for d in positives[q] if d in corpus] for q in self.qids}
         stemmer = Stemmer.Stemmer("english")
         retriever = bm25s.BM25()
         retriever.index(bm25s.tokenize([self.corpus[d] for d in self.doc_ids], stopwords="en", stemmer=stemmer,
@@ -50,6 +57,10 @@ class ScifactTrainLists:
         self._home, self._device = home, device
         self._doc_vecs: dict[str, object] = {}
         self._scores: dict[str, dict[str, float]] = {}  # qid -> doc -> teacher score (precomputed or loaded)
+
+    def pick(self, rng: random.Random) -> str:
+        """A query id to build the next training list from."""
+        return rng.choice(self.qids)
 
     def __len__(self) -> int:
         return len(self.qids)
@@ -123,3 +134,86 @@ class ScifactTrainLists:
                 self._doc_vecs[d] = v
         q = self._teacher.encode_queries([self.queries[qid]])[0]
         return [float(self._doc_vecs[d] @ q) for d in docs]
+
+
+class ScifactTrainLists(CandidateLists):
+    """SciFact train claims (never the test split) over the SciFact corpus."""
+
+    def __init__(self, data_root: Path, *, depth: int = 100, teacher: str = "all-minilm-l6-v2",
+                 home: Path | None = None, device: str = "cpu"):
+        from sieve.embedder.data import load_retrieval_set
+
+        ds = load_retrieval_set(data_root, "scifact", split="train")
+        positives = {q: [d for d, g in rel.items() if g > 0] for q, rel in ds.qrels.items()}
+        super().__init__(ds.corpus, ds.queries, positives, depth=depth, teacher=teacher, home=home, device=device)
+
+
+class PairLists(CandidateLists):
+    """(query, positive passage) pairs: the corpus is the pool of all positives, so every other query's answer is a
+    candidate negative, and BM25 picks the hard ones. Repeated queries (or passages) are one query (or document)."""
+
+    def __init__(self, pairs, *, depth: int = 100, teacher: str = "all-minilm-l6-v2", home: Path | None = None,
+                 device: str = "cpu"):
+        docs: dict[str, str] = {}
+        queries: dict[str, str] = {}
+        positives: dict[str, list[str]] = {}
+        for pair in pairs:
+            d = docs.setdefault(pair.positive, f"d{len(docs)}")
+            q = queries.setdefault(pair.query, f"q{len(queries)}")
+            if d not in positives.setdefault(q, []):
+                positives[q].append(d)
+        super().__init__({d: text for text, d in docs.items()}, {q: text for text, q in queries.items()}, positives,
+                         depth=depth, teacher=teacher, home=home, device=device)
+
+
+def source_lists(name: str, data_root: Path, **kw) -> CandidateLists:
+    """One named training source (see the module doc)."""
+    from sieve.embedder.data import medquad_pairs, nq_train_pairs
+
+    if name == "scifact":
+        return ScifactTrainLists(data_root, **kw)
+    if name == "nq":
+        return PairLists(nq_train_pairs(data_root), **kw)
+    if name == "medquad":
+        return PairLists(medquad_pairs(data_root), **kw)
+    raise ValueError(f"unknown training source {name!r}; choose from {', '.join(SOURCES)}")
+
+
+class MixedLists:
+    """Several sources, each drawn with its weight; query ids are `source/qid`."""
+
+    def __init__(self, sources: dict[str, tuple[CandidateLists, float]]):
+        if not sources or any(w <= 0 for _, w in sources.values()):
+            raise ValueError("give at least one source, each with a positive weight")
+        self.sources = {name: lists for name, (lists, _) in sources.items()}
+        self.weights = {name: w for name, (_, w) in sources.items()}
+        self.qids = [f"{name}/{q}" for name, lists in self.sources.items() for q in lists.qids]
+
+    def pick(self, rng: random.Random) -> str:
+        name = rng.choices(list(self.weights), weights=list(self.weights.values()))[0]
+        return f"{name}/{self.sources[name].pick(rng)}"
+
+    def example(self, qid: str, n: int, rng: random.Random | None = None) -> RankingExample:
+        name, _, q = qid.partition("/")
+        return self.sources[name].example(q, n, rng)
+
+    def save_teacher_scores(self, path: Path, progress=None) -> None:
+        """Every source's teacher scores in one file (keys `source/qid`)."""
+        import json
+
+        scores, teachers = {}, {lists.teacher_name for lists in self.sources.values()}
+        for name, lists in self.sources.items():
+            lists.save_teacher_scores(path, progress)
+            scores.update({f"{name}/{q}": s for q, s in json.loads(path.read_text())["scores"].items()})
+        path.write_text(json.dumps({"teacher": ",".join(sorted(teachers)), "scores": scores}))
+
+    def load_teacher_scores(self, path: Path) -> None:
+        import json
+
+        saved = json.loads(path.read_text())
+        for name, lists in self.sources.items():
+            if saved["teacher"] != lists.teacher_name:
+                raise ValueError(f"{path} holds {saved['teacher']!r} scores, not the teacher {lists.teacher_name!r}")
+            for qid, scores in saved["scores"].items():
+                if qid.startswith(name + "/"):
+                    lists._scores.setdefault(qid[len(name) + 1:], {}).update(scores)

@@ -18,6 +18,7 @@ For SmolLM2 and 100 passages the cap is about 70 tokens per passage (with the de
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from .permutation import IdTokens
@@ -36,16 +37,17 @@ class PromptTemplate:
     suffix: str  # {n}, {query}
 
     def __post_init__(self) -> None:
-        for part, fields in (("prefix", ("{n}",)), ("body", ("{rank}", "{passage}")), ("suffix", ())):
+        for part, fields in (("prefix", ("{n}",)), ("body", ("{passage}",)), ("suffix", ())):
             text = getattr(self, part)
             for f in fields:
                 if text.count(f) != 1:
                     raise ValueError(f"template {self.name!r}: {part} must contain {f} exactly once")
         before, _, after = self.body.partition("{passage}")
-        if "{rank}" not in before:
-            raise ValueError(f"template {self.name!r}: the body must put {{rank}} before {{passage}}")
-        if "{" in after.replace("{{", "") or "{query}" in self.body:
-            raise ValueError(f"template {self.name!r}: the body may only use {{rank}} and {{passage}}")
+        if before.count("{rank}") != 1:
+            raise ValueError(f"template {self.name!r}: the body must put {{rank}} once before {{passage}}")
+        if after.count("{rank}") > 1 or "{" in after.replace("{{", "").replace("{rank}", "") or "{query}" in before:
+            raise ValueError(f"template {self.name!r}: the body may only use {{rank}} and {{passage}} (and repeat "
+                             "{rank} once after the passage)")
 
 
 RANKGPT = PromptTemplate(
@@ -59,7 +61,11 @@ RANKGPT = PromptTemplate(
            "The output format should be [] > [], e.g., [2] > [1]. Only respond with the ranking results, "
            "do not say any word or explain.",
 )
-TEMPLATES = {t.name: t for t in (RANKGPT,)}
+# RankGPT's prompt with each passage's label repeated after it: in a causal model the trailing label is the first
+# token that has read the query (in the prefix) and the whole passage, so it can carry the passage's relevance next
+# to the id the answer copies (the leading label has seen none of the passage).
+RANKGPT_ECHO = dataclasses.replace(RANKGPT, name="rankgpt-echo", body="[{rank}] {passage} [{rank}]\n")
+TEMPLATES = {t.name: t for t in (RANKGPT, RANKGPT_ECHO)}
 
 
 @dataclass
@@ -90,13 +96,20 @@ class PromptBuilder:
         # a space before the passage is tokenized with the passage (`Ġword`), as it would be in running text
         self._lead = " " if before.endswith(" ") else ""
         self._label = before.removesuffix(" ") if self._lead else before
-        self._after_ids = tokenizer.encode(after)
+        self._after = after
         self._label_cache: dict[int, list[int]] = {}
+        self._after_cache: dict[int, list[int]] = {}
 
     def label_ids(self, rank: int) -> list[int]:
         if rank not in self._label_cache:
             self._label_cache[rank] = self.tok.encode(self._label.format(rank=rank))
         return self._label_cache[rank]
+
+    def after_ids(self, rank: int) -> list[int]:
+        """What follows passage `rank` (a newline; the label again for an echoing template)."""
+        if rank not in self._after_cache:
+            self._after_cache[rank] = self.tok.encode(self._after.format(rank=rank))
+        return self._after_cache[rank]
 
     def passage_ids(self, passages: list[str]) -> list[list[int]]:
         """Token ids of each passage as it sits in the body (leading space included), uncut."""
@@ -119,7 +132,7 @@ class PromptBuilder:
         head = self.tok.encode(self.chat_head + self.template.prefix.format(n=n, query=query_text))
         tail = self.tok.encode(self.template.suffix.format(n=n, query=query_text) + self.chat_tail)
         answer = self.ids.output_length(n) if reserve is None else reserve
-        fixed = len(head) + len(tail) + answer + sum(len(self.label_ids(r)) + len(self._after_ids)
+        fixed = len(head) + len(tail) + answer + sum(len(self.label_ids(r)) + len(self.after_ids(r))
                                                      for r in range(1, n + 1))
         if cap is None:
             cap = self.cap_for([len(p) for p in p_ids], self.context - fixed)
@@ -135,7 +148,7 @@ class PromptBuilder:
         truncated = 0
         for r, ids in enumerate(p_ids, start=1):
             truncated += len(ids) > cap
-            body += self.label_ids(r) + ids[:cap] + self._after_ids
+            body += self.label_ids(r) + ids[:cap] + self.after_ids(r)
         prompt = head + body + tail
         if len(prompt) + answer > self.context:
             raise PromptTooLong(f"{n} passages need {len(prompt) + answer} tokens with a cap of {cap} per passage, "

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from sieve.backbone.lora import lora_state
 
-from .data import RankingExample, ScifactTrainLists
+from .data import CandidateLists, MixedLists, RankingExample, source_lists
 from .first import MODE, TreeLayout, sequence_scores, tree_attention
 from .model_dir import ADAPTER, LORA_TARGETS, RerankerConfig
 from .permutation import IdTokens, PermutationConstraint
@@ -68,6 +68,7 @@ class TrainConfig:
     shuffle: float = 1.0  # share of lists presented in a random order (the label follows the passages)
     teacher_scores: Path | None = None  # JSON of precomputed teacher scores: read if it exists, else written first
     max_minutes: float | None = None  # stop (and save) after the step that passes this much training time
+    sources: dict[str, float] = dataclasses.field(default_factory=lambda: {"scifact": 1.0})  # data.py's sources
 
 
 def shuffled(ex: RankingExample, rng: random.Random) -> RankingExample:
@@ -156,7 +157,7 @@ def losses(model, enc: Encoded, ids: IdTokens, device) -> tuple[torch.Tensor, to
 
 
 def train(cfg: TrainConfig, *, home: Path, device: str = "auto", progress: bool = True,
-          lists: ScifactTrainLists | None = None) -> dict:
+          lists: CandidateLists | MixedLists | None = None) -> dict:
     """Train (or resume) into `cfg.out`; `lists`: a prebuilt example source (tests pass a small one)."""
     from peft import LoraConfig, inject_adapter_in_model
     from safetensors.torch import save_file
@@ -169,7 +170,7 @@ def train(cfg: TrainConfig, *, home: Path, device: str = "auto", progress: bool 
     cfg.out.mkdir(parents=True, exist_ok=True)
     backbone = load_backbone(resolve_backbone(cfg.backbone), home=home, device=device, dtype="float32")
     if lists is None:
-        lists = ScifactTrainLists(cfg.data_root, depth=cfg.depth, teacher=cfg.teacher, home=home)
+        lists = training_lists(cfg, home)
         if cfg.teacher_scores and cfg.teacher_scores.is_file():
             lists.load_teacher_scores(cfg.teacher_scores)
         elif cfg.teacher_scores:
@@ -179,6 +180,13 @@ def train(cfg: TrainConfig, *, home: Path, device: str = "auto", progress: bool 
                     inject=lambda m: inject_adapter_in_model(
                         LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=LORA_TARGETS,
                                    lora_dropout=0.0), m))
+
+
+def training_lists(cfg: TrainConfig, home: Path) -> CandidateLists | MixedLists:
+    """The configured sources: one alone, or several mixed by weight."""
+    made = {name: (source_lists(name, cfg.data_root, depth=cfg.depth, teacher=cfg.teacher, home=home), weight)
+            for name, weight in cfg.sources.items()}
+    return made[next(iter(made))][0] if len(made) == 1 else MixedLists(made)
 
 
 def train_on(backbone, cfg: TrainConfig, lists, *, progress: bool, save, inject) -> dict:
@@ -221,7 +229,7 @@ def train_on(backbone, cfg: TrainConfig, lists, *, progress: bool, save, inject)
             lm_sum = first_sum = 0.0
             sizes = []
             for _ in range(cfg.batch_size):
-                qid = rng.choice(lists.qids)
+                qid = lists.pick(rng)
                 n = rng.randint(cfg.n_min, cfg.n_max)
                 ex = lists.example(qid, n, rng)
                 if cfg.shuffle and rng.random() < cfg.shuffle:
@@ -264,10 +272,19 @@ def train_on(backbone, cfg: TrainConfig, lists, *, progress: bool, save, inject)
     return summary
 
 
+SOURCE_CARD = {
+    "scifact": "SciFact **train** claims over the SciFact corpus (`retrieval/scifact/qrels/train.tsv`, CC BY-NC)",
+    "nq": "NQ-open oracle **train** questions over their gold Wikipedia passages "
+          "(`qa/nq-open/nq-open-oracle.train.rag.jsonl.gz`, CC BY-SA)",
+    "medquad": "MedQuAD questions over its answers (`train/medquad_pairs.jsonl.gz`, CC BY 4.0)",
+}
+
+
 def write_model_card(cfg: TrainConfig, summary: dict) -> None:
     from sieve.results import command_line, git_commit
 
     c = summary["config"]
+    total = sum(cfg.sources.values())
     (cfg.out / "README.md").write_text(f"""# sieve-rank
 
 LoRA adapter (r={cfg.lora_r}, alpha={cfg.lora_alpha}, on {", ".join(LORA_TARGETS)}) for {cfg.backbone}: listwise
@@ -276,9 +293,9 @@ baseline, all from `sieve.reranker`.
 
 - Made by: `{command_line()}` at git {git_commit()}, {summary["steps"]} steps, {summary["seconds_this_run"]} s
   (this run) on {summary["device"]}.
-- Data: SciFact **train** claims only (`../shared/data/retrieval/scifact/qrels/train.tsv`, CC BY-NC: research use);
-  candidates are the BM25 (bm25s) top-{c["depth"]} of the SciFact corpus; labels are complete rankings:
-  judged positives first, then the rest ordered by the teacher `{cfg.teacher}`. No test split was used.
+- Data (share of lists): {", ".join(f"{SOURCE_CARD[k]} ({w / total:.0%})" for k, w in cfg.sources.items())};
+  candidates are the BM25 (bm25s) top-{c["depth"]} of each source's corpus; labels are complete rankings:
+  judged positives first, then the rest ordered by the teacher `{cfg.teacher}`. No test or evaluated split was used.
 - Lists of {cfg.n_min}-{cfg.n_max} passages, each cut to {cfg.max_passage_tokens} tokens, template `{cfg.template}`;
   {cfg.shuffle:.0%} of lists shown in a random order (not first-stage order), so the model cannot learn to copy it.
 - Loss: {cfg.lm_weight} x importance-aware cross-entropy on id tokens (DCG-discounted by rank, normalized over

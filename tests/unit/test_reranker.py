@@ -315,6 +315,27 @@ def test_template_is_checked():
         PromptTemplate(name="bad", system="", prefix="{n}", body="{passage} [{rank}]\n", suffix="")
 
 
+def test_echo_template_repeats_each_label_after_its_passage(backbone):
+    from sieve.reranker.prompt import RANKGPT_ECHO
+
+    rr = Reranker(backbone, template=RANKGPT_ECHO, max_passage_tokens=64)
+    b = rr.prompts
+    ps = passages(12)
+    prompt = b.build("cell protein", ps)
+    cap = prompt.passage_cap
+    body = [t for r, p in enumerate(b.passage_ids(ps), start=1) for t in b.label_ids(r) + p[:cap] + b.after_ids(r)]
+    at = next(i for i in range(len(prompt.ids)) if prompt.ids[i:i + len(body)] == body)  # the body, in one piece
+    assert at > 0 and b.tok.decode(b.after_ids(7)) == " [7]\n" and b.tok.decode(b.label_ids(7)) == "[7]"
+    # the repeated labels are paid for in the budget: 100 passages still fit the 4,096-token context
+    plain = Reranker(backbone, max_passage_tokens=64).prompts.build("q", passages(100, words=60))
+    echo = b.build("q", passages(100, words=60))
+    assert echo.passage_cap < plain.passage_cap and len(echo.ids) + echo.answer_tokens <= backbone.args.max_seq_len
+    for mode in ("full", "first", "sliding"):
+        assert is_permutation(rr.rank("q", ps, mode=mode).order, 12), mode
+    with pytest.raises(ValueError, match="once after"):
+        PromptTemplate(name="bad", system="", prefix="{n}", body="[{rank}] {passage} [{rank}] [{rank}]\n", suffix="")
+
+
 def test_shipped_reranker_folder_is_zero_shot_without_adapter():
     folder = resolve_reranker("sieve-rank")
     cfg = RerankerConfig.load(folder)

@@ -57,3 +57,23 @@ def test_rerank_errors_are_one_clear_line(cli, model_dir):
     assert bad.exit_code == 1 and "unknown mode" in bad.output
     missing = cli("q", "a", "--model", "/no/such/reranker")
     assert missing.exit_code == 1 and "no reranker" in missing.output
+
+
+def test_train_reranker_rejects_bad_sources_and_templates(monkeypatch, tmp_path):
+    from sieve.reranker.cli import train_reranker
+
+    monkeypatch.setenv("SIEVE_HOME", str(tmp_path / "home"))
+    app = typer.Typer()
+    app.command("reranker")(train_reranker)
+    app.command("other")(lambda: None)
+
+    def run(*args):
+        return CliRunner().invoke(app, ["reranker", "--out", str(tmp_path / "out"), "--data", str(tmp_path), *args])
+
+    for args, message in ((["--source", "msmarco"], "unknown source 'msmarco'"),
+                          (["--source", "nq=lots"], "must be a number"),
+                          (["--source", "scifact=1,nq=0"], "must be positive"),
+                          (["--template", "fancy"], "unknown template 'fancy'")):
+        got = run(*args)
+        assert got.exit_code == 1 and message in got.output, (args, got.output)
+    assert not (tmp_path / "out").exists()  # nothing was trained or written

@@ -8,8 +8,9 @@ import pytest
 import torch
 from peft import LoraConfig, inject_adapter_in_model
 from sieve.backbone import ModelArgs, load_backbone
+from sieve.embedder.data import Pair
 from sieve.reranker import IdTokens, PromptBuilder
-from sieve.reranker.data import RankingExample, ScifactTrainLists
+from sieve.reranker.data import MixedLists, PairLists, RankingExample, ScifactTrainLists
 from sieve.reranker.model_dir import LORA_TARGETS, merge_lora
 from sieve.reranker.train import (
     TrainConfig,
@@ -46,6 +47,9 @@ class FixedLists:
     """A stand-in for ScifactTrainLists: one query, passages in a fixed order, label reversed."""
 
     qids = ["q1"]
+
+    def pick(self, rng):
+        return rng.choice(self.qids)
 
     def example(self, qid, n, rng):
         return RankingExample("hello world", [f"passage {i} about cells" for i in range(n)], list(range(n))[::-1], 1)
@@ -196,3 +200,42 @@ def test_id_token_loss_equals_one_softmax_per_target():
     logits = torch.randn(3, 12, generator=g)
     want = sum(-torch.log_softmax(logits[i, a], -1)[t] * w for i, (_, a, t, w) in enumerate(targets)) / 2.1
     assert torch.allclose(id_token_loss(logits, targets), want)
+
+
+def qa_pairs(topic: str, n: int) -> list[Pair]:
+    return [Pair(f"what about {topic} {i}", f"{topic} {i} answer " + "words " * i, topic) for i in range(n)]
+
+
+def test_pair_lists_pool_the_answers_and_put_a_querys_positives_first():
+    pairs = qa_pairs("aspirin", 12) + [Pair("what about aspirin 3", "a second answer about aspirin 3", "x")]
+    lists = PairLists(pairs, depth=10, teacher="bm25")
+    assert len(lists.qids) == 12 and len(lists.corpus) == 13  # the repeated question is one query, two positives
+    q = next(q for q in lists.qids if lists.queries[q] == "what about aspirin 3")
+    ex = lists.example(q, 8, random.Random(0))
+    assert ex.positives == 2 and sorted(ex.order) == list(range(8))
+    assert {ex.passages[i] for i in ex.order[:2]} == {"aspirin 3 answer " + "words " * 3,
+                                                      "a second answer about aspirin 3"}
+    assert all(p in lists.corpus.values() for p in ex.passages)  # negatives are other questions' answers
+
+
+def test_mixed_lists_draw_by_weight_and_keep_teacher_scores(tmp_path):
+    a, b = PairLists(qa_pairs("aspirin", 10), depth=6, teacher="bm25"), PairLists(qa_pairs("gene", 10), depth=6,
+                                                                                     teacher="bm25")
+    mixed = MixedLists({"a": (a, 3.0), "b": (b, 1.0)})
+    rng = random.Random(0)
+    draws = [mixed.pick(rng) for _ in range(4000)]
+    assert 0.72 < sum(d.startswith("a/") for d in draws) / len(draws) < 0.78
+    ex = mixed.example(draws[0], 5, random.Random(1))
+    assert ex.query == (a if draws[0].startswith("a/") else b).queries[draws[0].split("/", 1)[1]]
+    path = tmp_path / "scores.json"
+    mixed.save_teacher_scores(path)
+    fresh = MixedLists({"a": (PairLists(qa_pairs("aspirin", 10), depth=6, teacher="bm25"), 3.0),
+                        "b": (PairLists(qa_pairs("gene", 10), depth=6, teacher="bm25"), 1.0)})
+    fresh.load_teacher_scores(path)
+    for lists in fresh.sources.values():
+        lists._score = None  # every candidate's score must come from the file
+    for qid in draws[:20]:
+        x, y = mixed.example(qid, 5, random.Random(2)), fresh.example(qid, 5, random.Random(2))
+        assert (x.passages, x.order) == (y.passages, y.order)
+    with pytest.raises(ValueError, match="positive weight"):
+        MixedLists({"a": (a, 0.0)})
