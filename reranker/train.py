@@ -92,6 +92,7 @@ class Encoded:
     targets: list[tuple[int, list[int], int, float]]  # (position, allowed tokens, index of the target, weight)
     label: list[int]  # 0-based passage order
     root_at: int  # position whose logits score the first digit
+    positives: int = 0  # the first `positives` entries of `label` are judged positives
 
 
 def encode_example(ex: RankingExample, builder: PromptBuilder, ids: IdTokens) -> Encoded:
@@ -112,7 +113,19 @@ def encode_example(ex: RankingExample, builder: PromptBuilder, ids: IdTokens) ->
         constraint.advance(tok)
     seq = torch.tensor([prompt.ids + answer + layout.tokens], dtype=torch.long)
     positions = layout.positions(torch.arange(layout.causal_len))
-    return Encoded(seq, positions, layout, targets, list(ex.order), visible - 1)
+    return Encoded(seq, positions, layout, targets, list(ex.order), visible - 1, ex.positives)
+
+
+def positive_rank(scores: torch.Tensor, enc: Encoded) -> float | None:
+    """Where the FIRST scores put the judged positives: their mean rank over n - 1 (0 = top, 1 = bottom, about 0.5
+    for scores that ignore the text). The RankNet loss mixes these pairs with the teacher's; this is the part a
+    reranker is for, so training logs it. None for a list without positives."""
+    n, k = len(enc.label), enc.positives
+    if k == 0 or n < 2:
+        return None
+    rank = torch.empty(n, dtype=torch.long)
+    rank[scores.detach().float().cpu().argsort(descending=True)] = torch.arange(n)
+    return rank[torch.tensor(enc.label[:k])].float().mean().item() / (n - 1)
 
 
 def target_tensors(targets: list[tuple[int, list[int], int, float]]) -> tuple[torch.Tensor, ...]:
@@ -136,8 +149,9 @@ def id_token_loss(logits: torch.Tensor, targets: list[tuple[int, list[int], int,
     return -(logp * weight).sum() / weight.sum()
 
 
-def losses(model, enc: Encoded, ids: IdTokens, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(importance-aware CE over id tokens, weighted RankNet over FIRST scores) of one list."""
+def losses(model, enc: Encoded, ids: IdTokens, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(importance-aware CE over id tokens, weighted RankNet over FIRST scores, the FIRST scores [n] by id) of one
+    list."""
     seq, pos = enc.ids.to(device), enc.positions.to(device)
     with tree_attention(enc.layout, device):
         hidden = model(seq, position_ids=pos, mode=MODE, return_hidden=True, return_logits=False).hidden_states[0]
@@ -153,7 +167,7 @@ def losses(model, enc: Encoded, ids: IdTokens, device) -> tuple[torch.Tensor, to
     upper = torch.triu(torch.ones(n, n, dtype=torch.bool, device=device), diagonal=1)  # a ranked above b
     w = (1.0 / (r[:, None] + r[None, :] + 2)).masked_fill(~upper, 0.0)
     first = (w * F.softplus(ranked[None, :] - ranked[:, None])).sum() / w.sum().clamp(min=1e-9)
-    return lm, first
+    return lm, first, scores
 
 
 def train(cfg: TrainConfig, *, home: Path, device: str = "auto", progress: bool = True,
@@ -220,14 +234,16 @@ def train_on(backbone, cfg: TrainConfig, lists, *, progress: bool, save, inject)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     columns = [TextColumn("training sieve-rank"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-               TextColumn("lm {task.fields[lm]:.3f} first {task.fields[first]:.3f}")]
+               TextColumn("lm {task.fields[lm]:.3f} first {task.fields[first]:.3f} "
+                          "positives' rank {task.fields[pos]:.2f}")]
     with Progress(*columns, disable=not progress) as bar:
-        task = bar.add_task("train", total=cfg.steps, completed=start, lm=float("nan"), first=float("nan"))
+        task = bar.add_task("train", total=cfg.steps, completed=start, lm=float("nan"), first=float("nan"),
+                            pos=float("nan"))
         model.train()
         for step in range(start, cfg.steps):
             opt.zero_grad(set_to_none=True)
             lm_sum = first_sum = 0.0
-            sizes = []
+            sizes, ranks = [], []
             for _ in range(cfg.batch_size):
                 qid = lists.pick(rng)
                 n = rng.randint(cfg.n_min, cfg.n_max)
@@ -237,7 +253,8 @@ def train_on(backbone, cfg: TrainConfig, lists, *, progress: bool, save, inject)
                 enc = encode_example(ex, builder, ids)
                 sizes.append(len(enc.label))
                 with amp:
-                    lm, first = losses(model, enc, ids, dev)
+                    lm, first, scores = losses(model, enc, ids, dev)
+                ranks.append(positive_rank(scores, enc))
                 loss = (cfg.lm_weight * lm + cfg.first_weight * first) / cfg.batch_size
                 loss.backward()
                 lm_sum, first_sum = lm_sum + lm.item(), first_sum + first.item()
@@ -245,9 +262,11 @@ def train_on(backbone, cfg: TrainConfig, lists, *, progress: bool, save, inject)
             opt.step()
             sched.step()
             lm_avg, first_avg = lm_sum / cfg.batch_size, first_sum / cfg.batch_size
+            ranks = [r for r in ranks if r is not None]
+            pos_rank = round(float(np.mean(ranks)), 4) if ranks else None
             history.append({"step": step + 1, "lm": round(lm_avg, 5), "first": round(first_avg, 5),
-                            "passages": sizes})
-            bar.update(task, advance=1, lm=lm_avg, first=first_avg)
+                            "pos_rank": pos_rank, "passages": sizes})
+            bar.update(task, advance=1, lm=lm_avg, first=first_avg, pos=float("nan") if pos_rank is None else pos_rank)
             out_of_time = cfg.max_minutes is not None and time.perf_counter() - t0 > cfg.max_minutes * 60
             if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps or out_of_time:
                 torch.save({"step": step + 1, "lora": {n: p.detach().clone() for n, p in model.named_parameters()
@@ -265,6 +284,7 @@ def train_on(backbone, cfg: TrainConfig, lists, *, progress: bool, save, inject)
     summary = {"steps": len(history), "seconds_this_run": round(time.perf_counter() - t0, 1),
                "final_lm_avg10": round(float(np.mean([h["lm"] for h in history[-10:]])), 4) if history else None,
                "final_first_avg10": round(float(np.mean([h["first"] for h in history[-10:]])), 4) if history else None,
+               "final_positive_rank_avg10": _mean_last([h.get("pos_rank") for h in history], 10),
                "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()},
                "device": str(backbone.device)}
     (cfg.out / "train_log.json").write_text(json.dumps({"summary": summary, "history": history}, indent=1))
@@ -278,6 +298,11 @@ SOURCE_CARD = {
           "(`qa/nq-open/nq-open-oracle.train.rag.jsonl.gz`, CC BY-SA)",
     "medquad": "MedQuAD questions over its answers (`train/medquad_pairs.jsonl.gz`, CC BY 4.0)",
 }
+
+
+def _mean_last(values: list[float | None], k: int) -> float | None:
+    kept = [v for v in values[-k:] if v is not None]
+    return round(float(np.mean(kept)), 4) if kept else None
 
 
 def write_model_card(cfg: TrainConfig, summary: dict) -> None:
@@ -300,6 +325,7 @@ baseline, all from `sieve.reranker`.
   {cfg.shuffle:.0%} of lists shown in a random order (not first-stage order), so the model cannot learn to copy it.
 - Loss: {cfg.lm_weight} x importance-aware cross-entropy on id tokens (DCG-discounted by rank, normalized over
   the constrained choices) + {cfg.first_weight} x weighted RankNet on first-position id scores (FIRST).
-- Final loss (mean of the last 10 steps): lm {summary["final_lm_avg10"]}, first {summary["final_first_avg10"]}.
+- Final loss (mean of the last 10 steps): lm {summary["final_lm_avg10"]}, first {summary["final_first_avg10"]};
+  judged positives' mean FIRST rank {summary["final_positive_rank_avg10"]} (0 = top, about 0.5 = the text ignored).
   Full history in `train_log.json`.
 """)

@@ -89,7 +89,8 @@ def test_losses_are_finite_and_reach_the_adapter(gguf, tmp_path):
     ids = IdTokens.from_tokenizer(bb.tokenizer, max_id=15)
     builder = PromptBuilder(bb.tokenizer, context=bb.args.max_seq_len, ids=ids, max_passage_tokens=16)
     enc = encode_example(FixedLists().example("q1", 15, None), builder, ids)
-    lm, first = losses(model, enc, ids, bb.device)
+    lm, first, scores = losses(model, enc, ids, bb.device)
+    assert scores.shape == (15,)
     assert torch.isfinite(lm) and torch.isfinite(first) and lm > 0 and first > 0
     (lm + first).backward()
     grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n]
@@ -105,6 +106,7 @@ def test_training_learns_a_fixed_list_resumes_and_loads_back(gguf, tmp_path):
     history = json.loads((cfg.out / "train_log.json").read_text())["history"]
     assert [h["step"] for h in history] == list(range(1, 17))
     assert history[-1]["first"] < history[0]["first"] and history[-1]["lm"] < history[0]["lm"]
+    assert all(0.0 <= h["pos_rank"] <= 1.0 for h in history)  # the one positive's place under the FIRST scores
     assert (cfg.out / "checkpoint.pt").is_file() and json.loads((cfg.out / "reranker.json").read_text())["lora_r"]
 
     cfg.steps = 18  # resume: only steps 17 and 18 run
@@ -239,3 +241,12 @@ def test_mixed_lists_draw_by_weight_and_keep_teacher_scores(tmp_path):
         assert (x.passages, x.order) == (y.passages, y.order)
     with pytest.raises(ValueError, match="positive weight"):
         MixedLists({"a": (a, 0.0)})
+
+
+def test_positive_rank_reads_where_the_first_scores_put_the_positives():
+    from sieve.reranker.train import Encoded, positive_rank
+
+    enc = Encoded(None, None, None, [], label=[3, 0, 1, 2, 4], root_at=0, positives=2)  # passages 3 and 0 are judged
+    assert positive_rank(torch.tensor([5.0, 1.0, 2.0, 9.0, 0.0]), enc) == 0.125  # ranks 0 and 1 of 5 -> 0.5 / 4
+    assert positive_rank(torch.tensor([-5.0, 1.0, 2.0, -9.0, 0.0]), enc) == 0.875  # the last two places
+    assert positive_rank(torch.zeros(5), Encoded(None, None, None, [], [0, 1, 2, 3, 4], 0, 0)) is None
