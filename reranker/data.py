@@ -15,6 +15,7 @@ Sources (never a split that is reported):
 
 from __future__ import annotations
 
+import functools
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,16 @@ class RankingExample:
     passages: list[str]  # in first-stage order, as the reranker will see them
     order: list[int]  # the label: indices into `passages`, most relevant first (a complete permutation)
     positives: int  # how many of the first entries of `order` are judged positives
+
+
+@functools.cache
+def load_teacher(name: str, home: Path, device: str):
+    """One loaded teacher embedder per (name, home, device), shared by every source that orders with it."""
+    from sieve.embedder import load_embedder
+
+    from sieve.registry import resolve_embedder
+
+    return load_embedder(resolve_embedder(name), home=home, device=device, dtype="float32")
 
 
 class CandidateLists:
@@ -88,26 +99,32 @@ class CandidateLists:
         seen = set(ranked)
         return ranked + [d for d in self.positives[qid] if d not in seen]
 
-    def save_teacher_scores(self, path: Path, progress=None) -> None:
-        """Score every candidate of every claim with the teacher and write them (JSON): a machine without the
-        teacher's weights (or the time to run it) trains from this file (`load_teacher_scores`)."""
-        import json
-
+    def teacher_score_table(self, progress=None) -> dict[str, dict[str, float]]:
+        """Score every candidate of every query with the teacher -> qid -> doc -> score."""
         for i, qid in enumerate(self.qids):
             self._teacher_scores(qid, self.candidates(qid))
             if progress:
                 progress(i + 1, len(self.qids))
-        path.write_text(json.dumps({"teacher": self.teacher_name, "scores": {
-            q: {d: round(s, 6) for d, s in self._scores[q].items()} for q in self.qids}}))
+        return {q: {d: round(s, 6) for d, s in self._scores[q].items()} for q in self.qids}
+
+    def save_teacher_scores(self, path: Path, progress=None) -> None:
+        """Write `teacher_score_table` (JSON): a machine without the teacher's weights (or the time to run it)
+        trains from this file (`load_teacher_scores`)."""
+        import json
+
+        path.write_text(json.dumps({"teacher": self.teacher_name, "scores": self.teacher_score_table(progress)}))
 
     def load_teacher_scores(self, path: Path) -> None:
         import json
 
         saved = json.loads(path.read_text())
-        if saved["teacher"] != self.teacher_name:
-            raise ValueError(f"{path} holds {saved['teacher']!r} scores, not the teacher {self.teacher_name!r}")
-        for qid, scores in saved["scores"].items():
-            self._scores.setdefault(qid, {}).update(scores)
+        self.add_teacher_scores(saved["teacher"], saved["scores"], path)
+
+    def add_teacher_scores(self, teacher: str, scores: dict[str, dict[str, float]], path: Path) -> None:
+        if teacher != self.teacher_name:
+            raise ValueError(f"{path} holds {teacher!r} scores, not the teacher {self.teacher_name!r}")
+        for qid, by_doc in scores.items():
+            self._scores.setdefault(qid, {}).update(by_doc)
 
     def _teacher_scores(self, qid: str, docs: list[str]) -> list[float]:
         known = self._scores.setdefault(qid, {})
@@ -121,13 +138,8 @@ class CandidateLists:
             by_doc = dict(self.bm25[qid])
             return [by_doc.get(d, 0.0) for d in docs]
         if self._teacher is None:
-            from sieve.embedder import load_embedder
-
-            from sieve.registry import resolve_embedder
-
-            folder = resolve_embedder(self.teacher_name)
-            self._teacher = load_embedder(folder, home=self._home or Path("~/.cache/sieve/cache").expanduser(),
-                                          device=self._device, dtype="float32")
+            self._teacher = load_teacher(self.teacher_name, self._home or Path("~/.cache/sieve/cache").expanduser(),
+                                         self._device)
         todo = [d for d in docs if d not in self._doc_vecs]
         if todo:
             for d, v in zip(todo, self._teacher.encode_documents([self.corpus[d] for d in todo])):
@@ -201,10 +213,9 @@ class MixedLists:
         """Every source's teacher scores in one file (keys `source/qid`)."""
         import json
 
-        scores, teachers = {}, {lists.teacher_name for lists in self.sources.values()}
-        for name, lists in self.sources.items():
-            lists.save_teacher_scores(path, progress)
-            scores.update({f"{name}/{q}": s for q, s in json.loads(path.read_text())["scores"].items()})
+        teachers = {lists.teacher_name for lists in self.sources.values()}
+        scores = {f"{name}/{q}": by_doc for name, lists in self.sources.items()
+                  for q, by_doc in lists.teacher_score_table(progress).items()}
         path.write_text(json.dumps({"teacher": ",".join(sorted(teachers)), "scores": scores}))
 
     def load_teacher_scores(self, path: Path) -> None:
@@ -212,8 +223,5 @@ class MixedLists:
 
         saved = json.loads(path.read_text())
         for name, lists in self.sources.items():
-            if saved["teacher"] != lists.teacher_name:
-                raise ValueError(f"{path} holds {saved['teacher']!r} scores, not the teacher {lists.teacher_name!r}")
-            for qid, scores in saved["scores"].items():
-                if qid.startswith(name + "/"):
-                    lists._scores.setdefault(qid[len(name) + 1:], {}).update(scores)
+            mine = {q[len(name) + 1:]: by_doc for q, by_doc in saved["scores"].items() if q.startswith(name + "/")}
+            lists.add_teacher_scores(saved["teacher"], mine, path)
