@@ -63,14 +63,18 @@ def read_trec_run(path: Path) -> dict[str, list[str]]:
     return {q: [d for _, d in sorted(docs)] for q, docs in run.items()}
 
 
+def doc_text(doc: dict) -> str:
+    """A document as one text: "title text" (BEIR's corpus and the QA sets' passages alike)."""
+    return f"{doc.get('title') or ''} {doc.get('text') or ''}".strip()
+
+
 def load_retrieval_set(root: Path, name: str, split: str = "test") -> RetrievalSet:
     folder = root / "retrieval" / name
     if not folder.is_dir():
         known = sorted(p.name for p in (root / "retrieval").iterdir() if p.is_dir())
         raise FileNotFoundError(f"no dataset {name!r} under {root / 'retrieval'}; known: {', '.join(known)}")
     qrels = read_qrels(folder / "qrels" / f"{split}.tsv")
-    corpus = {d["_id"]: f"{d.get('title') or ''} {d.get('text') or ''}".strip()
-              for d in read_jsonl(find_file(folder, "corpus"))}
+    corpus = {d["_id"]: doc_text(d) for d in read_jsonl(find_file(folder, "corpus"))}
     queries = {q["_id"]: q["text"] for q in read_jsonl(find_file(folder, "queries")) if q["_id"] in qrels}
     qrels = {q: rel for q, rel in qrels.items() if q in queries}
     candidates = None
@@ -96,7 +100,7 @@ def nq_train_pairs(root: Path) -> list[Pair]:
     """NQ-open questions of the oracle set's *train* portion with their gold Wikipedia passage (never the eval
     portion, which the REFRAG evaluation reports)."""
     rows = read_jsonl(root / "qa" / "nq-open" / "nq-open-oracle.train.rag.jsonl.gz")
-    return [Pair(r["question"], f"{p.get('title') or ''} {p['text']}".strip(), "nq-train")
+    return [Pair(r["question"], doc_text(p), "nq-train")
             for r in rows for i, p in enumerate(r["passages"]) if i in r["gold"]]
 
 
