@@ -282,8 +282,8 @@ def train_on(backbone, cfg: TrainConfig, lists, *, progress: bool, save, inject)
     RerankerConfig(backbone=cfg.backbone, template=cfg.template, lora_r=cfg.lora_r,
                    lora_alpha=cfg.lora_alpha).save(cfg.out)
     summary = {"steps": len(history), "seconds_this_run": round(time.perf_counter() - t0, 1),
-               "final_lm_avg10": round(float(np.mean([h["lm"] for h in history[-10:]])), 4) if history else None,
-               "final_first_avg10": round(float(np.mean([h["first"] for h in history[-10:]])), 4) if history else None,
+               "final_lm_avg10": _mean_last([h["lm"] for h in history], 10),
+               "final_first_avg10": _mean_last([h["first"] for h in history], 10),
                "final_positive_rank_avg10": _mean_last([h.get("pos_rank") for h in history], 10),
                "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()},
                "device": str(backbone.device)}
