@@ -65,15 +65,43 @@ def _which(key: tuple, cfg: EvalConfig) -> dict:
             "model": key[3]}
 
 
-@torch.no_grad()
-def wikitext_rows(refrag_at, cfg: EvalConfig, console=None, plain: Refrag | None = None) -> list[dict]:
+def _progress(console):
+    """A transient rich progress bar on the eval's console (stderr); none without a console (tests)."""
+    from rich.progress import Progress
+
+    return Progress(console=console, transient=True, disable=console is None)
+
+
+def _score_window(refrag_at, cfg: EvalConfig, plain: Refrag | None, ctx_ids: list[int], target: list[int],
+                  nll: dict[tuple, float], positions: dict[tuple, int]) -> None:
+    """Add one window's target loss and decoder positions for every system to the running sums."""
     from .prompt import Layout
     from .train import lm_loss
 
+    off = torch.autocast("cpu", enabled=False)
+    for k in cfg.ks:
+        r = refrag_at(k)
+        ctx = r.encode_ids([ctx_ids], k)[0]
+        layout = r.lm_layout(ctx, target)
+        runs = []
+        if k == cfg.ks[0]:
+            every = set(range(ctx.n_blocks))
+            empty = Layout([layout.segments[0], layout.segments[-1]])
+            for decoder, owner in decoders(r, plain):
+                runs += [(("no-context", decoder), owner, empty, set()),
+                         (("full-context", decoder), owner, layout, every)]
+        for p in cfg.expansions:
+            runs.append((("compressed", k, p, r.name), r, layout, r.choose_expansion(layout, p, policy=cfg.policy)))
+        for key, owner, lay, expand in runs:
+            nll[key] = nll.get(key, 0.0) + lm_loss(owner, [(lay, expand, len(target))], off).item()
+            positions[key] = positions.get(key, 0) + lay.n_positions(expand)
+
+
+@torch.no_grad()
+def wikitext_rows(refrag_at, cfg: EvalConfig, console=None, plain: Refrag | None = None) -> list[dict]:
     base: Refrag = refrag_at(cfg.ks[0])
     text = (cfg.data_root / "text/wikitext-2-raw/test.txt").read_text()
     ids = base.tokenizer.encode(text, add_bos=False)
-    off = torch.autocast("cpu", enabled=False)
     rows = []
     for length in cfg.contexts:
         span = length + cfg.target_tokens
@@ -81,25 +109,11 @@ def wikitext_rows(refrag_at, cfg: EvalConfig, console=None, plain: Refrag | None
         nll: dict[tuple, float] = {}
         positions: dict[tuple, int] = {}
         t0 = time.perf_counter()
-        for s in starts:
-            ctx_ids, target = ids[s:s + length], ids[s + length:s + span]
-            for k in cfg.ks:
-                r = refrag_at(k)
-                ctx = r.encode_ids([ctx_ids], k)[0]
-                layout = r.lm_layout(ctx, target)
-                if k == cfg.ks[0]:
-                    every = set(range(ctx.n_blocks))
-                    empty = Layout([layout.segments[0], layout.segments[-1]])
-                    for decoder, owner in decoders(r, plain):
-                        for mode, (lay, exp) in {"no-context": (empty, set()), "full-context": (layout, every)}.items():
-                            key = (mode, decoder)
-                            nll[key] = nll.get(key, 0.0) + lm_loss(owner, [(lay, exp, len(target))], off).item()
-                            positions[key] = positions.get(key, 0) + lay.n_positions(exp)
-                for p in cfg.expansions:
-                    expand = r.choose_expansion(layout, p, policy=cfg.policy)
-                    key = ("compressed", k, p, r.name)
-                    nll[key] = nll.get(key, 0.0) + lm_loss(r, [(layout, expand, len(target))], off).item()
-                    positions[key] = positions.get(key, 0) + layout.n_positions(expand)
+        with _progress(console) as bar:
+            task = bar.add_task(f"wikitext L={length}", total=len(starts))
+            for s in starts:
+                _score_window(refrag_at, cfg, plain, ids[s:s + length], ids[s + length:s + span], nll, positions)
+                bar.advance(task)
         full_ppl = math.exp(nll[("full-context", "own")] / len(starts))
         for key, total in nll.items():
             ppl = math.exp(total / len(starts))
@@ -113,12 +127,30 @@ def wikitext_rows(refrag_at, cfg: EvalConfig, console=None, plain: Refrag | None
     return rows
 
 
-def nq_rows(refrag_at, cfg: EvalConfig, console=None, plain: Refrag | None = None) -> list[dict]:
+def _answer_all(refrag_at, cfg: EvalConfig, plain: Refrag | None, base: Refrag, ex, add) -> None:
+    """Answer one NQ question with every system; `add(key, prediction, ex, positions)` records each."""
     from sieve.backbone import generate
 
     from .answer import Answerer
     from .prompt import qa_layout
 
+    layout = qa_layout(base.tokenizer, ex.question)
+    for decoder, owner in decoders(base, plain):
+        out = generate(owner.model, [layout.full_ids()], max_new_tokens=cfg.max_new_tokens,
+                       stop_tokens=base.tokenizer.eos_ids)[0]
+        add(("closed-book", decoder), base.tokenizer.decode(out), ex, len(layout.full_ids()))
+        s = Answerer(owner).stream(ex.question, ex.passages, expansion=1.0, max_new_tokens=cfg.max_new_tokens)
+        add(("full-context", decoder), "".join(s), ex, s.stats.prompt_positions)
+    for k in cfg.ks:
+        r = refrag_at(k)
+        encoded = r.encode(ex.passages, k)
+        for p in cfg.expansions:
+            s = Answerer(r).stream(ex.question, encoded, k=k, expansion=p, policy=cfg.policy,
+                                   max_new_tokens=cfg.max_new_tokens)
+            add(("compressed", k, p, r.name), "".join(s), ex, s.stats.prompt_positions)
+
+
+def nq_rows(refrag_at, cfg: EvalConfig, console=None, plain: Refrag | None = None) -> list[dict]:
     examples = nq_eval(cfg.data_root, n_docs=cfg.n_docs, limit=cfg.limit)
     base: Refrag = refrag_at(cfg.ks[0])
     scores: dict[tuple, list] = {}
@@ -128,21 +160,11 @@ def nq_rows(refrag_at, cfg: EvalConfig, console=None, plain: Refrag | None = Non
         scores.setdefault(key, []).append((exact_match(pred, ex.answers), has_answer(pred, ex.answers), positions))
 
     t0 = time.perf_counter()
-    for ex in examples:
-        layout = qa_layout(base.tokenizer, ex.question)
-        for decoder, owner in decoders(base, plain):
-            out = generate(owner.model, [layout.full_ids()], max_new_tokens=cfg.max_new_tokens,
-                           stop_tokens=base.tokenizer.eos_ids)[0]
-            add(("closed-book", decoder), base.tokenizer.decode(out), ex, len(layout.full_ids()))
-            s = Answerer(owner).stream(ex.question, ex.passages, expansion=1.0, max_new_tokens=cfg.max_new_tokens)
-            add(("full-context", decoder), "".join(s), ex, s.stats.prompt_positions)
-        for k in cfg.ks:
-            r = refrag_at(k)
-            encoded = r.encode(ex.passages, k)
-            for p in cfg.expansions:
-                s = Answerer(r).stream(ex.question, encoded, k=k, expansion=p, policy=cfg.policy,
-                                       max_new_tokens=cfg.max_new_tokens)
-                add(("compressed", k, p, r.name), "".join(s), ex, s.stats.prompt_positions)
+    with _progress(console) as bar:
+        task = bar.add_task(f"nq-open {cfg.n_docs} docs", total=len(examples))
+        for ex in examples:
+            _answer_all(refrag_at, cfg, plain, base, ex, add)
+            bar.advance(task)
     rows = []
     full_acc = sum(a for _, a, _ in scores[("full-context", "own")]) / len(examples)
     for key, got in scores.items():

@@ -2,11 +2,13 @@
 only the projector, the curriculum, random expansion, policy labels, the model folder round trip, and the
 retrieved-passage builder (gold kept, answer-bearing distractors dropped, seeded order)."""
 
+import io
 import random
 
 import pytest
 import torch
 import torch.nn.functional as F
+from rich.console import Console
 from safetensors.torch import save_file
 from sieve.refrag import Projector, Refrag
 from sieve.refrag.data import detok_wikitext, exact_match, has_answer, with_retrieved
@@ -179,3 +181,8 @@ def test_nq_eval_rows_score_each_system_on_every_question(refrag, tmp_path, monk
     assert rows["full-context", "own"]["accuracy_minus_full"] == 0
     assert (rows["closed-book", "own"]["decoder_positions"] < rows["compressed", None]["decoder_positions"]
             < rows["full-context", "own"]["decoder_positions"])
+    # with a console the questions run under a progress bar, to the same rows
+    console = Console(file=io.StringIO(), force_terminal=True, width=100)
+    shown = {(r["mode"], r.get("decoder")): r for r in ev.nq_rows(lambda k: refrag, cfg, console=console, plain=refrag)}
+    assert shown == rows
+    assert "nq-open 2 docs" in console.file.getvalue()
