@@ -52,7 +52,7 @@ def answer(
                                                         ".jsonl = one passage per line with 'text'/'title'")] = None,
     k: Annotated[int | None, typer.Option(help="block size in decoder tokens (default: the model's)")] = None,
     expansion: Annotated[float, typer.Option(min=0.0, max=1.0, help="fraction of blocks fed as full tokens")] = 0.0,
-    policy: Annotated[str, typer.Option(help="similarity or learned")] = "similarity",
+    policy: Annotated[str, typer.Option(help="similarity, recency or learned")] = "similarity",
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 128,
     model: Annotated[str, typer.Option(help="refrag-k16 or a REFRAG model folder (local; a server uses its "
                                             "own)")] = "refrag-k16",
@@ -177,7 +177,8 @@ def eval_refrag(
     context: Annotated[list[int] | None, typer.Option(help="WikiText context lengths (default 512 1024 2048)")] = None,
     limit: Annotated[int, typer.Option(min=1, help="examples per setting (WikiText windows / NQ questions)")] = 50,
     n_docs: Annotated[int, typer.Option(help="NQ passages per question")] = 20,
-    policy: str = "similarity",
+    policy: Annotated[list[str] | None, typer.Option(
+        help="expansion policies: similarity, recency, learned (repeatable; default similarity)")] = None,
     data: Annotated[Path | None, typer.Option(help="the shared data folder (default: SIEVE_DATA_DIR)")] = None,
     name: Annotated[str, typer.Option(help="results file bench/results/NAME.json")] = "refrag-eval",
 ) -> None:
@@ -187,7 +188,8 @@ def eval_refrag(
     settings = _settings()
     cfg = EvalConfig(tasks=list(task or ["wikitext", "nq"]), model=model, ks=list(k or [8, 16, 32]),
                      expansions=list(expansion if expansion is not None else [0.0, 0.25]),
-                     contexts=list(context or [512, 1024, 2048]), limit=limit, n_docs=n_docs, policy=policy,
+                     contexts=list(context or [512, 1024, 2048]), limit=limit, n_docs=n_docs,
+                     policies=list(policy or ["similarity"]),
                      data_root=data or settings.data_path(), name=name)
     try:
         out = run_eval(cfg, home=settings.home / "cache", device=settings.device, dtype=settings.dtype, console=err)

@@ -2,7 +2,8 @@
 
 - WikiText-2 raw *test*: perplexity of the next 128 tokens given L context tokens (L in 512 / 1024 / 2048), windows
   spread evenly over the test text. Systems: no context, full context (tokens), compressed at k = 8 / 16 / 32 with
-  and without expansion (the policy's query is the last context block). LM layout as in training.
+  and without expansion, one row per expansion policy (the similarity policy's query is the last context block).
+  LM layout as in training.
 - NQ-open 20-document set (eval portion, built by data.nq_eval): exact match and accuracy (an answer string in
   the prediction) of greedy answers (first line, up to 32 tokens). Systems: closed book, full context (every block
   expanded: exactly the token prompt), compressed at each k with and without expansion.
@@ -35,7 +36,7 @@ class EvalConfig:
     target_tokens: int = 128
     limit: int = 50
     n_docs: int = 20
-    policy: str = "similarity"
+    policies: list[str] = field(default_factory=lambda: ["similarity"])
     max_new_tokens: int = 32
     name: str = "refrag-eval"
 
@@ -58,11 +59,17 @@ def decoders(r: Refrag, plain: Refrag | None) -> list[tuple[str, Refrag]]:
 
 def _which(key: tuple, cfg: EvalConfig) -> dict:
     """A row's identity fields: a baseline's mode and decoder ("own": the REFRAG model's decoder, "base": the untuned
-    backbone), or a compressed system's k / expansion / policy / projector."""
+    backbone), or a compressed system's k / expansion / policy ("none" when nothing is expanded) / projector."""
     if key[0] != "compressed":
         return {"system": key[0], "mode": key[0], "decoder": key[1]}
-    return {"system": f"refrag-k{key[1]}", "mode": key[0], "k": key[1], "expansion": key[2], "policy": cfg.policy,
+    return {"system": f"refrag-k{key[1]}", "mode": key[0], "k": key[1], "expansion": key[2], "policy": key[4],
             "model": key[3]}
+
+
+def _settings(cfg: EvalConfig) -> list[tuple[float, str]]:
+    """(expansion, policy) pairs of the compressed systems: every policy where something is expanded, one row
+    (policy "none") where nothing is."""
+    return [(p, policy) for p in cfg.expansions for policy in (cfg.policies if p > 0 else ["none"])]
 
 
 def _progress(console):
@@ -90,8 +97,9 @@ def _score_window(refrag_at, cfg: EvalConfig, plain: Refrag | None, ctx_ids: lis
             for decoder, owner in decoders(r, plain):
                 runs += [(("no-context", decoder), owner, empty, set()),
                          (("full-context", decoder), owner, layout, every)]
-        for p in cfg.expansions:
-            runs.append((("compressed", k, p, r.name), r, layout, r.choose_expansion(layout, p, policy=cfg.policy)))
+        for p, policy in _settings(cfg):
+            runs.append((("compressed", k, p, r.name, policy), r, layout,
+                         r.choose_expansion(layout, p, policy=policy)))
         for key, owner, lay, expand in runs:
             nll[key] = nll.get(key, 0.0) + lm_loss(owner, [(lay, expand, len(target))], off).item()
             positions[key] = positions.get(key, 0) + lay.n_positions(expand)
@@ -144,10 +152,10 @@ def _answer_all(refrag_at, cfg: EvalConfig, plain: Refrag | None, base: Refrag, 
     for k in cfg.ks:
         r = refrag_at(k)
         encoded = r.encode(ex.passages, k)
-        for p in cfg.expansions:
-            s = Answerer(r).stream(ex.question, encoded, k=k, expansion=p, policy=cfg.policy,
+        for p, policy in _settings(cfg):
+            s = Answerer(r).stream(ex.question, encoded, k=k, expansion=p, policy=policy,
                                    max_new_tokens=cfg.max_new_tokens)
-            add(("compressed", k, p, r.name), "".join(s), ex, s.stats.prompt_positions)
+            add(("compressed", k, p, r.name, policy), "".join(s), ex, s.stats.prompt_positions)
 
 
 def nq_rows(refrag_at, cfg: EvalConfig, console=None, plain: Refrag | None = None) -> list[dict]:
@@ -190,6 +198,11 @@ def run_eval(cfg: EvalConfig, *, home: Path, device: str = "auto", dtype: str = 
     unknown = [t for t in cfg.tasks if t not in ("wikitext", "nq")]
     if unknown:
         raise ValueError(f"unknown task(s) {unknown}; known: wikitext, nq")
+    from .policy import POLICIES
+
+    bad = [p for p in cfg.policies if p not in POLICIES]
+    if bad:
+        raise ValueError(f"unknown expansion policy {bad}; known: {', '.join(POLICIES)}")
     folder = resolve_refrag(cfg.model)
     backbone = load_backbone(resolve_backbone(RefragConfig.load(folder).backbone), home=home, device=device,
                              dtype=dtype)

@@ -1,10 +1,12 @@
 """Selective expansion: which blocks to feed as full tokens instead of one vector ("compress anywhere").
 
 A policy scores every context block against the query; the top `round(p * n_blocks)` are expanded, wherever they
-sit in the context. Two policies:
+sit in the context. Three policies:
 
 - "similarity" (heuristic): cosine between the chunk encoder's query vector and each block vector. Free: both
   vectors exist already (the block vectors are precomputed at index time).
+- "recency" (heuristic): the blocks nearest the end of the context, i.e. nearest the continuation (language
+  modelling) or the question (QA). Free, and needs no query.
 - "learned": `PolicyScorer` (projector.py), an MLP over (query, block, position) features, trained on the
   decoder's perplexity gain from expanding each block alone (train.py, stage "policy"); the paper uses RL with
   the same reward, this is its supervised approximation.
@@ -21,7 +23,7 @@ import torch.nn.functional as F
 
 from .projector import PolicyScorer
 
-POLICIES = ("similarity", "learned")
+POLICIES = ("similarity", "recency", "learned")
 
 
 def n_expanded(n_blocks: int, p: float) -> int:
@@ -39,6 +41,8 @@ def score_blocks(policy: str, query: torch.Tensor, blocks: torch.Tensor,
     """query [dim], blocks [n, dim] (chunk-encoder vectors) -> scores [n]; higher: expand first."""
     if policy == "similarity":
         return F.cosine_similarity(query[None].float(), blocks.float(), dim=-1)
+    if policy == "recency":
+        return block_positions(len(blocks))
     if policy == "learned":
         if scorer is None:
             raise ValueError("this model has no learned policy (policy.safetensors); use policy='similarity'")

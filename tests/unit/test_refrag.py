@@ -173,6 +173,19 @@ def test_similarity_policy_prefers_the_block_like_the_query(refrag):
         score_blocks("learned", blocks[0], blocks, None)
 
 
+def test_recency_policy_expands_the_blocks_nearest_the_end(refrag):
+    """Recency ignores the vectors: the last round(p * n) blocks, whatever the query (here the first block)."""
+    vectors = refrag.blocks.encoder.embed(["aspirin heart", "cancer blood", "gene protein", "bone density"])
+    scores = score_blocks("recency", vectors[0], vectors)
+    assert select(scores, 0.5) == {2, 3} and select(scores, 0.25) == {3}
+    assert select(score_blocks("recency", vectors[0], vectors[:1]), 1.0) == {0}
+    ctx = refrag.encode_ids([list(range(5, 5 + 4 * 7))], 4)[0]  # 7 blocks
+    layout = refrag.lm_layout(ctx, [9, 10])
+    assert refrag.choose_expansion(layout, 0.3, policy="recency") == {5, 6}
+    with pytest.raises(ValueError, match="unknown expansion policy 'nearest'.*recency"):
+        refrag.choose_expansion(layout, 0.3, policy="nearest")
+
+
 # ---------------------------------------------------------------------------------------------------- answering
 
 
