@@ -70,8 +70,8 @@ def answer(
     local_only(remote, k=k)
     texts = _read_passages(list(passages or []), list(file or []))
     if remote:
-        return _answer_remote(remote, api_key, question, texts, collection, top_k or 0, expansion, max_new_tokens,
-                              stats)
+        return _answer_remote(remote, api_key, question, texts, collection, top_k or 0, expansion, policy,
+                              max_new_tokens, stats)
     from sieve.backbone import BackboneNotFound, WeightsError
 
     from .answer import Answerer
@@ -104,10 +104,10 @@ def answer(
 
 
 def _answer_remote(remote: str, api_key: str | None, question: str, texts: list[str], collection: str | None,
-                   top_k: int, expansion: float, max_new_tokens: int, stats: bool) -> None:
+                   top_k: int, expansion: float, policy: str, max_new_tokens: int, stats: bool) -> None:
     with remote_errors(), connect(remote, api_key) as client:
         stream = client.answer(question, collection=collection, passages=texts, k=top_k, expansion=expansion,
-                               max_new_tokens=max_new_tokens)
+                               policy=policy, max_new_tokens=max_new_tokens)
         try:
             for piece in stream:
                 sys.stdout.write(piece)

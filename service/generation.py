@@ -353,6 +353,8 @@ def _answer_error(e: ValueError, context_field: str, sent: bool) -> ServiceError
         return invalid("question", message)
     if message.startswith("expansion"):
         return invalid("expansion", message)
+    if message.startswith("this model has no learned policy"):
+        return invalid("policy", message)
     return invalid(context_field, message)
 
 
@@ -385,7 +387,7 @@ class AnswerServicer(answer_pb2_grpc.AnswerServiceServicer):
     def __init__(self, state):
         self.state = state
 
-    def _check(self, request) -> tuple[int, float, float]:
+    def _check(self, request) -> tuple[int, float, float, str]:
         s = self.state.settings
         if not request.question.strip():
             raise invalid("question", "empty; send the question to answer")
@@ -409,7 +411,12 @@ class AnswerServicer(answer_pb2_grpc.AnswerServiceServicer):
         expansion = request.expansion if request.HasField("expansion") else 0.0
         if not (math.isfinite(expansion) and 0.0 <= expansion <= 1.0):
             raise invalid("expansion", f"must be a fraction between 0 and 1, got {expansion}")
-        return max_new, float(request.temperature), float(expansion)
+        from sieve.refrag.policy import POLICIES
+
+        policy = request.policy or "similarity"
+        if policy not in POLICIES:
+            raise invalid("policy", f"unknown expansion policy {policy!r}; known: {', '.join(POLICIES)}")
+        return max_new, float(request.temperature), float(expansion), policy
 
     @rpc_stream
     async def Answer(self, request, context):
@@ -417,7 +424,7 @@ class AnswerServicer(answer_pb2_grpc.AnswerServiceServicer):
             require("search", request.collection)
         else:
             require("answer")
-        max_new, temperature, expansion = self._check(request)
+        max_new, temperature, expansion, policy = self._check(request)
         t0 = time.perf_counter_ns()
         state = self.state
         answerer, lane = await _within(state.generation.answerer(), context)
@@ -456,7 +463,8 @@ class AnswerServicer(answer_pb2_grpc.AnswerServiceServicer):
                 cancel.set()
 
         def generate():
-            stream = answerer.stream(request.question, passages, expansion=expansion, max_new_tokens=max_new,
+            stream = answerer.stream(request.question, passages, expansion=expansion, policy=policy,
+                                     max_new_tokens=max_new,
                                      temperature=temperature, cancel=cancel)
             put(("start", stream))
             try:

@@ -187,12 +187,13 @@ def rerank_result(r: rerank_pb2.RerankResponse) -> RerankResult:
 
 
 def answer_request(question: str, collection: str | None, passages, k: int, max_new_tokens: int, temperature: float,
-                   expansion: float | None, filters: Mapping[str, Any] | None) -> answer_pb2.AnswerRequest:
+                   expansion: float | None, filters: Mapping[str, Any] | None,
+                   policy: str = "") -> answer_pb2.AnswerRequest:
     if isinstance(passages, str):
         raise TypeError("pass a list of passages; wrap a single passage in a list")
     request = answer_pb2.AnswerRequest(question=question, collection=collection or "", passages=list(passages),
                                        k=k, max_new_tokens=max_new_tokens, temperature=temperature,
-                                       filters=_struct(filters))
+                                       filters=_struct(filters), policy=policy)
     if expansion is not None:
         request.expansion = expansion
     return request

@@ -185,6 +185,21 @@ def test_answer_with_expansion_and_the_async_client(server, refrag):
     assert stream.usage.prompt_positions == stream.usage.full_prompt_tokens
 
 
+def test_answer_expands_the_blocks_the_policy_picks(server, refrag):
+    """The request's policy reaches the answerer: recency and similarity answer as the library does with each."""
+    passages = [text(30, 1), text(30, 2), text(30, 3)]
+    picked = {}
+    with server.client() as c:
+        for policy in ("recency", "similarity"):
+            want = Answerer(refrag).stream("cancer blood", passages, expansion=0.34, policy=policy, max_new_tokens=5)
+            want_text, picked[policy] = "".join(want), want.expanded
+            stream = c.answer("cancer blood", passages=passages, expansion=0.34, policy=policy, max_new_tokens=5)
+            assert stream.read() == want_text
+            assert stream.usage.expanded_blocks == want.stats.expanded > 0
+            assert stream.usage.prompt_positions == want.stats.prompt_positions
+    assert picked["recency"] != picked["similarity"]  # so the answers above tell the policies apart
+
+
 BAD_ANSWERS = [  # (kwargs, words of the INVALID_ARGUMENT message)
     ({"question": " ", "passages": ["a"]}, "question: empty"),
     ({"question": "q?"}, "collection: set a collection"),
@@ -192,6 +207,9 @@ BAD_ANSWERS = [  # (kwargs, words of the INVALID_ARGUMENT message)
     ({"question": "q?", "passages": ["ok", "  "]}, "passages[1]: empty"),
     ({"question": "q?", "passages": ["ok"] * 51}, "passages: 51 passages"),
     ({"question": "q?", "passages": ["ok"], "expansion": 1.5}, "expansion: must be a fraction"),
+    ({"question": "q?", "passages": ["ok"], "policy": "nearest"}, "policy: unknown expansion policy 'nearest'"),
+    ({"question": "q?", "passages": [text(30, 1)], "expansion": 0.5, "policy": "learned"},
+     "policy: this model has no learned policy"),
     ({"question": "q?", "passages": ["ok"], "max_new_tokens": 301}, "max_new_tokens: 301 is over"),
     ({"question": "q?", "passages": ["ok"], "temperature": -1.0}, "temperature: must be 0"),
     ({"question": "why " * 600, "passages": ["ok"]}, "question: the question is"),

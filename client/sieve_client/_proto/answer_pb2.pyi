@@ -9,7 +9,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class AnswerRequest(_message.Message):
-    __slots__ = ("question", "collection", "passages", "k", "max_new_tokens", "temperature", "expansion", "filters")
+    __slots__ = ("question", "collection", "passages", "k", "max_new_tokens", "temperature", "expansion", "filters", "policy")
     QUESTION_FIELD_NUMBER: _ClassVar[int]
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
     PASSAGES_FIELD_NUMBER: _ClassVar[int]
@@ -18,6 +18,7 @@ class AnswerRequest(_message.Message):
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     EXPANSION_FIELD_NUMBER: _ClassVar[int]
     FILTERS_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
     question: str
     collection: str
     passages: _containers.RepeatedScalarFieldContainer[str]
@@ -26,7 +27,8 @@ class AnswerRequest(_message.Message):
     temperature: float
     expansion: float
     filters: _struct_pb2.Struct
-    def __init__(self, question: _Optional[str] = ..., collection: _Optional[str] = ..., passages: _Optional[_Iterable[str]] = ..., k: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., expansion: _Optional[float] = ..., filters: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+    policy: str
+    def __init__(self, question: _Optional[str] = ..., collection: _Optional[str] = ..., passages: _Optional[_Iterable[str]] = ..., k: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., expansion: _Optional[float] = ..., filters: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., policy: _Optional[str] = ...) -> None: ...
 
 class Citation(_message.Message):
     __slots__ = ("chunk_id", "document_id", "score", "index", "text")
