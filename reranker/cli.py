@@ -45,8 +45,8 @@ def rerank(
     passages: Annotated[list[str] | None, typer.Argument(help="passages to rank (or --file / stdin '-')")] = None,
     file: Annotated[Path | None, typer.Option(help="read passages from a file: one per line, or JSON lines "
                                                    "with a 'text' field")] = None,
-    mode: Annotated[str, typer.Option(help="full (one pass), first (first-token logits), sliding (window 20, "
-                                           "stride 10)")] = "full",
+    mode: Annotated[str, typer.Option(help="full (one pass), first (first-token logits), inline (scores at each "
+                                           "passage's end, one pass), sliding (window 20, stride 10)")] = "full",
     top_k: Annotated[int | None, typer.Option(min=1, help="return (and decode) only the top k")] = None,
     model: Annotated[str, typer.Option(help="sieve-rank or a reranker folder (local; a server uses its own)")] = (
         "sieve-rank"),
@@ -145,6 +145,7 @@ def train_reranker(
         "all-minilm-l6-v2"),
     lm_weight: float = 1.0,
     first_weight: float = 1.0,
+    inline_weight: Annotated[float, typer.Option(help="weight of the RankNet loss on inline scores")] = 1.0,
     lr: float = 2e-4,
     lora_r: int = 16,
     lora_alpha: float = 32.0,
@@ -186,7 +187,8 @@ def train_reranker(
             raise _fail(f"--source {item!r}: the weight must be positive")
     cfg = TrainConfig(out=out, data_root=data or settings.data_path(), steps=steps, batch_size=batch_size,
                       n_min=n_min, n_max=n_max, max_passage_tokens=max_passage_tokens, teacher=teacher,
-                      lm_weight=lm_weight, first_weight=first_weight, lr=lr, lora_r=lora_r, lora_alpha=lora_alpha,
+                      lm_weight=lm_weight, first_weight=first_weight, inline_weight=inline_weight, lr=lr,
+                      lora_r=lora_r, lora_alpha=lora_alpha,
                       dtype=dtype, seed=seed, shuffle=shuffle, teacher_scores=teacher_scores,
                       max_minutes=max_minutes, sources=sources,
                       template=template)

@@ -23,7 +23,7 @@ from sieve.backbone.generate import generate
 from .listwise import Reranker
 from .permutation import parse_permutation
 
-MODES = ("sliding", "full", "first")
+MODES = ("sliding", "full", "first", "inline")
 
 
 def first_stage_run(ds, system: str, *, depth: int, home: Path, device: str, dtype: str, console=None):

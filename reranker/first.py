@@ -1,4 +1,5 @@
 """FIRST-style ranking: one forward pass, passages scored by the logits of their ids at the first output position.
+Also inline scoring (`inline_scores`): the same one-pass prompt, each passage scored where its text ends.
 
 With single-token ids (FIRST's letters) the score is one logit. Here an id is a short token sequence (`1` `2` for
 [12], see permutation.py), so the score of id i is the log-probability of its whole sequence at the first output
@@ -142,6 +143,36 @@ def sequence_scores(logits_root: torch.Tensor, logits_nodes: torch.Tensor, layou
         path.append(step[j] + path[parent] if parent >= 0 else step[j])
     by_id = {i: path[j] + end[j] for j, i in enumerate(layout.node_ids) if i is not None}
     return torch.stack([by_id[i] for i in range(1, len(by_id) + 1)])
+
+
+# Inline relevance: the prompt's token after each passage (`Prompt.ends`) has read the query (in the prefix), the
+# passages before it and its own passage, so its hidden state can say how relevant that passage is. The score is the
+# logit of " yes" minus that of " no" there, through the model's own LM head (no new parameters). Training teaches
+# it directly (train.py, `inline_weight`): on small shuffled lists it learns where the FIRST pointer does not
+# (sessions 12-14: FIRST's RankNet loss stayed at chance), and it is also the auxiliary signal for FIRST.
+RELEVANCE_WORDS = (" yes", " no")
+
+
+def relevance_tokens(tokenizer) -> tuple[int, int]:
+    """The ids of the last token of " yes" and " no" (one token each in SmolLM2's vocabulary)."""
+    yes, no = (tokenizer.encode(w)[-1] for w in RELEVANCE_WORDS)
+    return yes, no
+
+
+def inline_from_hidden(model, hidden: torch.Tensor, relevance: tuple[int, int]) -> torch.Tensor:
+    """hidden [n, dim] (after the final norm) at the passages' last tokens -> scores [n] (differentiable):
+    logit(yes) - logit(no), through the LM head as it is (float, packed or quantized)."""
+    logits = model.output(hidden)[:, list(relevance)].float()
+    return logits[:, 0] - logits[:, 1]
+
+
+def inline_scores(model, prompt_ids: list[int], ends: list[int], relevance: tuple[int, int]) -> torch.Tensor:
+    """Inline scores [n] for a prompt (no answer, no trie): one causal forward, read at each passage's end."""
+    device = model.tok_embeddings.weight.device
+    with torch.inference_mode():
+        out = model(torch.tensor([prompt_ids], dtype=torch.long, device=device), return_hidden=True,
+                    return_logits=False)
+        return inline_from_hidden(model, out.hidden_states[0, ends], relevance)
 
 
 def first_scores(model, prompt_ids: list[int], ids: IdTokens, n: int) -> torch.Tensor:

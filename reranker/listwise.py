@@ -9,6 +9,8 @@ what it cost). Inference only: evaluation lives in eval.py and is never imported
   `speculative=False` decodes through the backbone's `stream` and logits hook (jump-forward). Scores are
   `n - position` (the order is the output). `top_k`: decoding stops after k ids and reserves room for k only.
 - first: FIRST scoring (first.py), one forward; scores are log-probabilities.
+- inline: the full prompt in one causal forward, each passage scored at its last token (" yes" minus " no" logits,
+  first.py); no answer, no id trie. Scores are logit differences.
 - sliding: RankGPT's sliding window (window 20, stride 10, back to front), each window a constrained full
   ranking of its passages with the *same per-passage cap as the full prompt would use* for this list, so the two
   strategies see the same text and differ only in how they spend the context. `top_k`: each window decodes only
@@ -24,12 +26,12 @@ from dataclasses import dataclass, field
 from sieve.backbone import Backbone
 from sieve.backbone.generate import stream
 
-from .first import first_scores
+from .first import first_scores, inline_scores, relevance_tokens
 from .permutation import IdTokens, PermutationConstraint
 from .prompt import RANKGPT, PromptBuilder, PromptTemplate, PromptTooLong
 from .speculative import speculative_decode
 
-MODES = ("full", "first", "sliding")
+MODES = ("full", "first", "sliding", "inline")
 
 
 @dataclass
@@ -86,6 +88,7 @@ class Reranker:
         self.speculative = speculative  # draft the rest in prompt order, verify in one forward (speculative.py)
         self.window, self.stride = window, stride
         self.ids = IdTokens.from_tokenizer(backbone.tokenizer, max_id=100)
+        self.relevance = relevance_tokens(backbone.tokenizer)
         self.prompts = PromptBuilder(backbone.tokenizer, template, context=backbone.args.max_seq_len, ids=self.ids,
                                      max_passage_tokens=max_passage_tokens, max_query_tokens=max_query_tokens,
                                      min_passage_tokens=min_passage_tokens)
@@ -107,7 +110,7 @@ class Reranker:
         if mode == "sliding":
             result = self._sliding(query, p_ids, top_k, stats)
         else:
-            reserve = (self.ids.output_length(n, top_k) if mode == "full"
+            reserve = (self.ids.output_length(n, top_k) if mode == "full" else 0 if mode == "inline"
                        else len(self.ids.first_open) + _trie_size(self.ids, n))
             prompt = self.prompts.build(query, p_ids, reserve=reserve)
             stats.passage_cap, stats.truncated = prompt.passage_cap, prompt.truncated
@@ -116,8 +119,12 @@ class Reranker:
                 result = RankResult(order, [float(n - r) for r in range(len(order))], mode, stats, [answer],
                                     [(n, len(order))])
             else:
-                scores = first_scores(self.backbone.model, prompt.ids, self.ids, n)
-                stats.prompt_tokens += len(prompt.ids) + len(self.ids.first_open) + _trie_size(self.ids, n)
+                if mode == "inline":
+                    scores = inline_scores(self.backbone.model, prompt.ids, prompt.ends, self.relevance)
+                    stats.prompt_tokens += len(prompt.ids)
+                else:
+                    scores = first_scores(self.backbone.model, prompt.ids, self.ids, n)
+                    stats.prompt_tokens += len(prompt.ids) + len(self.ids.first_open) + _trie_size(self.ids, n)
                 stats.forward_passes += 1
                 ranked = sorted(range(n), key=lambda i: (-float(scores[i]), i))[: top_k or n]
                 result = RankResult(ranked, [float(scores[i]) for i in ranked], mode, stats)

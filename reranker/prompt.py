@@ -75,6 +75,7 @@ class Prompt:
     passage_cap: int  # tokens each passage was allowed
     truncated: int  # passages cut to the cap
     answer_tokens: int  # reserved after the prompt (the exact longest answer incl. end token, by default)
+    ends: list[int] = dataclasses.field(default_factory=list)  # per passage: index in `ids` of its body's last token
 
 
 class PromptBuilder:
@@ -145,15 +146,17 @@ class PromptBuilder:
                     f"minimum of {self.min_passage_tokens} per passage (about {most} passages would fit); rank "
                     "fewer passages or use mode='sliding'")
         body: list[int] = []
+        ends: list[int] = []
         truncated = 0
         for r, ids in enumerate(p_ids, start=1):
             truncated += len(ids) > cap
             body += self.label_ids(r) + ids[:cap] + self.after_ids(r)
+            ends.append(len(head) + len(body) - 1)
         prompt = head + body + tail
         if len(prompt) + answer > self.context:
             raise PromptTooLong(f"{n} passages need {len(prompt) + answer} tokens with a cap of {cap} per passage, "
                                 f"over the {self.context}-token context")
-        return Prompt(prompt, n, cap, truncated, answer)
+        return Prompt(prompt, n, cap, truncated, answer, ends)
 
     def cap_for(self, lengths: list[int], room: int) -> int | None:
         """Largest per-passage cap c <= max_passage_tokens with sum(min(len, c)) <= room (water-filling);

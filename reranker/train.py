@@ -12,7 +12,13 @@ sequence, run in one forward:
 - FIRST objective: the trie gives every id's first-position sequence log-probability (first.py, the inference
   scores); a weighted RankNet loss over all label pairs, weight 1 / (r_a + r_b + 2) (FIRST, Reddy et al. 2024).
 
-loss = lm_weight * importance-aware CE + first_weight * RankNet. Lists are shown in a random order (`shuffle`, the
+- Inline objective (`inline_weight`): the same weighted RankNet over the inline scores (first.py: " yes" minus
+  " no" at each passage's last prompt token), read from the same forward. It learns relevance on small lists where
+  the FIRST pointer alone stays at chance, and gives FIRST's attention a feature to point with.
+
+loss = lm_weight * importance-aware CE + first_weight * RankNet(FIRST) + inline_weight * RankNet(inline).
+
+Lists are shown in a random order (`shuffle`, the
 share of lists shuffled; 1.0 by default, as RankZephyr and FIRST train): in first-stage order the label's tail is
 mostly that order, and a model trained on it learns to copy the input (measured: a 200-step BM25-teacher adapter
 gave exactly BM25's nDCG@10); shuffled, only the passages' text says where they belong.
@@ -37,7 +43,7 @@ import torch.nn.functional as F
 from sieve.backbone.lora import lora_state
 
 from .data import CandidateLists, MixedLists, RankingExample, source_lists
-from .first import MODE, TreeLayout, sequence_scores, tree_attention
+from .first import MODE, TreeLayout, inline_from_hidden, relevance_tokens, sequence_scores, tree_attention
 from .model_dir import ADAPTER, LORA_TARGETS, RerankerConfig
 from .permutation import IdTokens, PermutationConstraint
 from .prompt import TEMPLATES, PromptBuilder
@@ -57,6 +63,7 @@ class TrainConfig:
     teacher: str = "all-minilm-l6-v2"  # orders the non-positives: an embedder name/folder, or "bm25"
     lm_weight: float = 1.0
     first_weight: float = 1.0
+    inline_weight: float = 1.0
     lr: float = 2e-4
     warmup: int = 10
     lora_r: int = 16
@@ -93,6 +100,7 @@ class Encoded:
     label: list[int]  # 0-based passage order
     root_at: int  # position whose logits score the first digit
     positives: int = 0  # the first `positives` entries of `label` are judged positives
+    ends: list[int] = dataclasses.field(default_factory=list)  # each passage's last prompt token (inline scores)
 
 
 def encode_example(ex: RankingExample, builder: PromptBuilder, ids: IdTokens) -> Encoded:
@@ -113,7 +121,7 @@ def encode_example(ex: RankingExample, builder: PromptBuilder, ids: IdTokens) ->
         constraint.advance(tok)
     seq = torch.tensor([prompt.ids + answer + layout.tokens], dtype=torch.long)
     positions = layout.positions(torch.arange(layout.causal_len))
-    return Encoded(seq, positions, layout, targets, list(ex.order), visible - 1, ex.positives)
+    return Encoded(seq, positions, layout, targets, list(ex.order), visible - 1, ex.positives, prompt.ends)
 
 
 def positive_rank(scores: torch.Tensor, enc: Encoded) -> float | None:
@@ -149,9 +157,29 @@ def id_token_loss(logits: torch.Tensor, targets: list[tuple[int, list[int], int,
     return -(logp * weight).sum() / weight.sum()
 
 
-def losses(model, enc: Encoded, ids: IdTokens, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(importance-aware CE over id tokens, weighted RankNet over FIRST scores, the FIRST scores [n] by id) of one
-    list."""
+def ranknet(scores: torch.Tensor, label: list[int]) -> torch.Tensor:
+    """FIRST's weighted RankNet: scores [n] by passage, label = passages best first; pair (a above b) weighs
+    1 / (r_a + r_b + 2)."""
+    ranked = scores[torch.tensor(label, device=scores.device)]  # scores in label order
+    n = ranked.shape[0]
+    r = torch.arange(n, device=scores.device, dtype=torch.float32)
+    upper = torch.triu(torch.ones(n, n, dtype=torch.bool, device=scores.device), diagonal=1)  # a ranked above b
+    w = (1.0 / (r[:, None] + r[None, :] + 2)).masked_fill(~upper, 0.0)
+    return (w * F.softplus(ranked[None, :] - ranked[:, None])).sum() / w.sum().clamp(min=1e-9)
+
+
+@dataclass
+class ListLosses:
+    lm: torch.Tensor  # importance-aware CE over the answer's id tokens
+    first: torch.Tensor  # weighted RankNet over the FIRST scores
+    inline: torch.Tensor  # weighted RankNet over the inline scores
+    first_scores: torch.Tensor  # [n] by passage
+    inline_scores: torch.Tensor  # [n] by passage
+
+
+def losses(model, enc: Encoded, ids: IdTokens, device, relevance: tuple[int, int] | None = None) -> ListLosses:
+    """The three losses of one list and the scores they read, all from one forward (`relevance`: the " yes" / " no"
+    token ids of the inline scores; None: no inline loss, zero)."""
     seq, pos = enc.ids.to(device), enc.positions.to(device)
     with tree_attention(enc.layout, device):
         hidden = model(seq, position_ids=pos, mode=MODE, return_hidden=True, return_logits=False).hidden_states[0]
@@ -161,13 +189,12 @@ def losses(model, enc: Encoded, ids: IdTokens, device) -> tuple[torch.Tensor, to
     k = len(enc.targets)
     lm = id_token_loss(logits[:k], enc.targets)
     scores = sequence_scores(logits[k], logits[k + 1:], enc.layout, ids.close)  # [n], by id
-    ranked = scores[torch.tensor(enc.label, device=device)]  # scores in label order
-    n = ranked.shape[0]
-    r = torch.arange(n, device=device, dtype=torch.float32)
-    upper = torch.triu(torch.ones(n, n, dtype=torch.bool, device=device), diagonal=1)  # a ranked above b
-    w = (1.0 / (r[:, None] + r[None, :] + 2)).masked_fill(~upper, 0.0)
-    first = (w * F.softplus(ranked[None, :] - ranked[:, None])).sum() / w.sum().clamp(min=1e-9)
-    return lm, first, scores
+    if relevance is None or not enc.ends:
+        inline_scores, inline = torch.zeros_like(scores), scores.new_zeros(())
+    else:
+        inline_scores = inline_from_hidden(model, hidden[torch.tensor(enc.ends, device=device)], relevance)
+        inline = ranknet(inline_scores, enc.label)
+    return ListLosses(lm, ranknet(scores, enc.label), inline, scores, inline_scores)
 
 
 def train(cfg: TrainConfig, *, home: Path, device: str = "auto", progress: bool = True,
@@ -213,6 +240,7 @@ def train_on(backbone, cfg: TrainConfig, lists, *, progress: bool, save, inject)
     ids = IdTokens.from_tokenizer(backbone.tokenizer, max_id=cfg.n_max)
     builder = PromptBuilder(backbone.tokenizer, TEMPLATES[cfg.template], context=backbone.args.max_seq_len, ids=ids,
                             max_passage_tokens=cfg.max_passage_tokens)
+    relevance = relevance_tokens(backbone.tokenizer) if cfg.inline_weight else None
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / cfg.warmup) * max(0.0, 1 - s / max(cfg.steps, 1)) ** 0.5)
@@ -235,15 +263,15 @@ def train_on(backbone, cfg: TrainConfig, lists, *, progress: bool, save, inject)
 
     columns = [TextColumn("training sieve-rank"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                TextColumn("lm {task.fields[lm]:.3f} first {task.fields[first]:.3f} "
-                          "positives' rank {task.fields[pos]:.2f}")]
+                          "positives' rank: first {task.fields[pos]:.2f} inline {task.fields[inline_pos]:.2f}")]
     with Progress(*columns, disable=not progress) as bar:
         task = bar.add_task("train", total=cfg.steps, completed=start, lm=float("nan"), first=float("nan"),
-                            pos=float("nan"))
+                            pos=float("nan"), inline_pos=float("nan"))
         model.train()
         for step in range(start, cfg.steps):
             opt.zero_grad(set_to_none=True)
-            lm_sum = first_sum = 0.0
-            sizes, ranks = [], []
+            lm_sum = first_sum = inline_sum = 0.0
+            sizes, ranks, inline_ranks = [], [], []
             for _ in range(cfg.batch_size):
                 qid = lists.pick(rng)
                 n = rng.randint(cfg.n_min, cfg.n_max)
@@ -253,20 +281,23 @@ def train_on(backbone, cfg: TrainConfig, lists, *, progress: bool, save, inject)
                 enc = encode_example(ex, builder, ids)
                 sizes.append(len(enc.label))
                 with amp:
-                    lm, first, scores = losses(model, enc, ids, dev)
-                ranks.append(positive_rank(scores, enc))
-                loss = (cfg.lm_weight * lm + cfg.first_weight * first) / cfg.batch_size
+                    out = losses(model, enc, ids, dev, relevance)
+                ranks.append(positive_rank(out.first_scores, enc))
+                inline_ranks.append(positive_rank(out.inline_scores, enc) if relevance else None)
+                loss = (cfg.lm_weight * out.lm + cfg.first_weight * out.first
+                        + cfg.inline_weight * out.inline) / cfg.batch_size
                 loss.backward()
-                lm_sum, first_sum = lm_sum + lm.item(), first_sum + first.item()
+                lm_sum, first_sum = lm_sum + out.lm.item(), first_sum + out.first.item()
+                inline_sum += out.inline.item()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             sched.step()
             lm_avg, first_avg = lm_sum / cfg.batch_size, first_sum / cfg.batch_size
-            ranks = [r for r in ranks if r is not None]
-            pos_rank = round(float(np.mean(ranks)), 4) if ranks else None
+            pos_rank, inline_pos = _mean_last(ranks, len(ranks)), _mean_last(inline_ranks, len(inline_ranks))
             history.append({"step": step + 1, "lm": round(lm_avg, 5), "first": round(first_avg, 5),
-                            "pos_rank": pos_rank, "passages": sizes})
-            bar.update(task, advance=1, lm=lm_avg, first=first_avg, pos=float("nan") if pos_rank is None else pos_rank)
+                            "inline": round(inline_sum / cfg.batch_size, 5), "pos_rank": pos_rank,
+                            "inline_pos_rank": inline_pos, "passages": sizes})
+            bar.update(task, advance=1, lm=lm_avg, first=first_avg, pos=_nan(pos_rank), inline_pos=_nan(inline_pos))
             out_of_time = cfg.max_minutes is not None and time.perf_counter() - t0 > cfg.max_minutes * 60
             if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps or out_of_time:
                 torch.save({"step": step + 1, "lora": {n: p.detach().clone() for n, p in model.named_parameters()
@@ -285,6 +316,8 @@ def train_on(backbone, cfg: TrainConfig, lists, *, progress: bool, save, inject)
                "final_lm_avg10": _mean_last([h["lm"] for h in history], 10),
                "final_first_avg10": _mean_last([h["first"] for h in history], 10),
                "final_positive_rank_avg10": _mean_last([h.get("pos_rank") for h in history], 10),
+               "final_inline_avg10": _mean_last([h.get("inline") for h in history], 10),
+               "final_inline_positive_rank_avg10": _mean_last([h.get("inline_pos_rank") for h in history], 10),
                "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()},
                "device": str(backbone.device)}
     (cfg.out / "train_log.json").write_text(json.dumps({"summary": summary, "history": history}, indent=1))
@@ -298,6 +331,10 @@ SOURCE_CARD = {
           "(`qa/nq-open/nq-open-oracle.train.rag.jsonl.gz`, CC BY-SA)",
     "medquad": "MedQuAD questions over its answers (`train/medquad_pairs.jsonl.gz`, CC BY 4.0)",
 }
+
+
+def _nan(value: float | None) -> float:
+    return float("nan") if value is None else value
 
 
 def _mean_last(values: list[float | None], k: int) -> float | None:
@@ -324,8 +361,10 @@ baseline, all from `sieve.reranker`.
 - Lists of {cfg.n_min}-{cfg.n_max} passages, each cut to {cfg.max_passage_tokens} tokens, template `{cfg.template}`;
   {cfg.shuffle:.0%} of lists shown in a random order (not first-stage order), so the model cannot learn to copy it.
 - Loss: {cfg.lm_weight} x importance-aware cross-entropy on id tokens (DCG-discounted by rank, normalized over
-  the constrained choices) + {cfg.first_weight} x weighted RankNet on first-position id scores (FIRST).
+  the constrained choices) + {cfg.first_weight} x weighted RankNet on first-position id scores (FIRST)
+  + {cfg.inline_weight} x the same RankNet on inline scores (" yes" - " no" at each passage's last token).
 - Final loss (mean of the last 10 steps): lm {summary["final_lm_avg10"]}, first {summary["final_first_avg10"]};
-  judged positives' mean FIRST rank {summary["final_positive_rank_avg10"]} (0 = top, about 0.5 = the text ignored).
+  judged positives' mean rank by FIRST {summary["final_positive_rank_avg10"]}, by inline scores
+  {summary["final_inline_positive_rank_avg10"]} (0 = top, about 0.5 = the text ignored).
   Full history in `train_log.json`.
 """)

@@ -40,8 +40,8 @@ from .interceptors import request_id
 
 log = logging.getLogger("sieve.service.generation")
 
-MODES = {0: "full", 1: "full", 2: "first", 3: "sliding"}  # sieve.v1.RerankMode
-MODE_ENUM = {"full": 1, "first": 2, "sliding": 3}
+MODES = {0: "full", 1: "full", 2: "first", 3: "sliding", 4: "inline"}  # sieve.v1.RerankMode
+MODE_ENUM = {"full": 1, "first": 2, "sliding": 3, "inline": 4}
 
 
 # ------------------------------------------------------------------------------------------------------- lanes
@@ -324,8 +324,8 @@ class RerankServicer(rerank_pb2_grpc.RerankServiceServicer):
             raise invalid("passages", f"{len(passages)} passages, over this server's limit of {limit} per call; "
                           "rank the best candidates of a first stage, or split the list")
         if request.mode not in MODES:
-            raise invalid("mode", f"unknown value {request.mode}; use RERANK_MODE_FULL, RERANK_MODE_FIRST or "
-                          "RERANK_MODE_SLIDING")
+            raise invalid("mode", f"unknown value {request.mode}; use RERANK_MODE_FULL, RERANK_MODE_FIRST, "
+                          "RERANK_MODE_SLIDING or RERANK_MODE_INLINE")
         mode = MODES[request.mode]
         top_k = min(request.top_k, len(passages)) if request.top_k else None
         reranker, result, waited = await _rank(self.state, request.query, passages, mode, top_k, context)

@@ -149,7 +149,7 @@ def test_parse_permutation_counts_faults():
 # -------------------------------------------------------------------------------------- ranking end to end
 
 
-@pytest.mark.parametrize("mode", ["full", "first", "sliding"])
+@pytest.mark.parametrize("mode", ["full", "first", "sliding", "inline"])
 @pytest.mark.parametrize("n", [1, 2, 25])
 def test_rank_returns_a_permutation_with_scores(reranker, mode, n):
     res = reranker.rank("does aspirin lower heart risk?", passages(n), mode=mode)
@@ -159,6 +159,9 @@ def test_rank_returns_a_permutation_with_scores(reranker, mode, n):
     if mode == "first":
         assert res.stats.generated_tokens == 0 and res.stats.forward_passes == 1
         assert all(math.isfinite(s) and s <= 0 for s in res.scores)  # log-probabilities
+    elif mode == "inline":
+        assert res.stats.generated_tokens == 0 and res.stats.forward_passes == 1
+        assert all(math.isfinite(s) for s in res.scores) and res.answers == []
     else:
         assert res.stats.generated_tokens > 0
         sizes = [e - s for s, e in sliding_windows(n)] if mode == "sliding" else [n]
@@ -203,7 +206,7 @@ def test_top_k(reranker):
 
 def test_duplicate_and_empty_passages_are_ranked(reranker):
     ps = ["same text here", "same text here", "", "   ", "other words", "same text here"]
-    for mode in ("full", "first", "sliding"):
+    for mode in ("full", "first", "sliding", "inline"):
         res = reranker.rank("text", ps, mode=mode)
         assert is_permutation(res.order, len(ps)), mode
 
@@ -211,7 +214,7 @@ def test_duplicate_and_empty_passages_are_ranked(reranker):
 def test_long_passages_are_cut_to_the_budget_and_still_ranked(backbone):
     rr = Reranker(backbone, max_passage_tokens=10_000)
     long = [" ".join(WORDS) * 60, "short one", " ".join(WORDS) * 40]  # thousands of tokens each
-    for mode in ("full", "first", "sliding"):
+    for mode in ("full", "first", "sliding", "inline"):
         res = rr.rank("query", long * 10, mode=mode)
         assert is_permutation(res.order, 30)
         assert res.stats.truncated == 20 and res.stats.passage_cap < 2000
@@ -298,6 +301,26 @@ def test_first_scores_equal_sequence_log_probs(reranker, backbone):
         want.append(total)
     assert_close(got, torch.tensor(want), atol=2e-4, rtol=1e-4)
     assert_close(got.exp().sum(), torch.tensor(1.0), atol=1e-4, rtol=0)  # a distribution over the 12 ids
+
+
+def test_inline_scores_read_yes_minus_no_where_each_passage_ends(reranker, backbone):
+    """Inline mode: one causal forward of the prompt; a passage's score is logit(" yes") - logit(" no") at its body's
+    last token, exactly what a plain forward gives there; the order sorts those scores."""
+    ps = passages(9)
+    prompt = reranker.prompts.build("a query", ps, reserve=0)
+    body = [len(reranker.prompts.label_ids(r)) + min(len(p), prompt.passage_cap) + len(reranker.prompts.after_ids(r))
+            for r, p in enumerate(reranker.prompts.passage_ids(ps), start=1)]
+    assert [b - a for a, b in zip(prompt.ends, prompt.ends[1:])] == body[1:]  # one end per passage body
+    with torch.no_grad():
+        logits = backbone.model(torch.tensor([prompt.ids])).logits[0]
+    yes, no = reranker.relevance
+    want = logits[prompt.ends, yes] - logits[prompt.ends, no]
+    res = reranker.rank("a query", ps, mode="inline")
+    assert res.order == sorted(range(9), key=lambda i: (-float(want[i]), i))
+    assert_close(torch.tensor(res.scores), want[res.order], atol=2e-4, rtol=1e-4)
+    assert res.stats.prompt_tokens == len(prompt.ids)
+    top = reranker.rank("a query", ps, mode="inline", top_k=3)
+    assert top.order == res.order[:3]
 
 
 def test_rank_input_errors(reranker):

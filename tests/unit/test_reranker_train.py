@@ -11,6 +11,7 @@ from sieve.backbone import ModelArgs, load_backbone
 from sieve.embedder.data import Pair
 from sieve.reranker import IdTokens, PromptBuilder
 from sieve.reranker.data import MixedLists, PairLists, RankingExample, ScifactTrainLists
+from sieve.reranker.first import inline_scores, relevance_tokens
 from sieve.reranker.model_dir import LORA_TARGETS, merge_lora
 from sieve.reranker.train import (
     TrainConfig,
@@ -89,12 +90,22 @@ def test_losses_are_finite_and_reach_the_adapter(gguf, tmp_path):
     ids = IdTokens.from_tokenizer(bb.tokenizer, max_id=15)
     builder = PromptBuilder(bb.tokenizer, context=bb.args.max_seq_len, ids=ids, max_passage_tokens=16)
     enc = encode_example(FixedLists().example("q1", 15, None), builder, ids)
-    lm, first, scores = losses(model, enc, ids, bb.device)
-    assert scores.shape == (15,)
-    assert torch.isfinite(lm) and torch.isfinite(first) and lm > 0 and first > 0
-    (lm + first).backward()
+    out = losses(model, enc, ids, bb.device, relevance_tokens(bb.tokenizer))
+    assert out.first_scores.shape == out.inline_scores.shape == (15,)
+    assert all(torch.isfinite(x) and x > 0 for x in (out.lm, out.first, out.inline))
+    (out.lm + out.first + out.inline).backward()
     grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n]
     assert grads and all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+    # the inline scores read in training are the ones inference computes from the prompt alone
+    ex = FixedLists().example("q1", 15, None)
+    prompt = builder.build(ex.query, ex.passages)
+    assert prompt.ends == enc.ends and len(set(prompt.ends)) == 15
+    for name, p in model.named_parameters():
+        p.requires_grad_(False)
+    alone = inline_scores(model, prompt.ids, prompt.ends, relevance_tokens(bb.tokenizer))
+    torch.testing.assert_close(alone, out.inline_scores.detach(), rtol=1e-4, atol=1e-4)
+    no_inline = losses(model, enc, ids, bb.device)
+    assert no_inline.inline == 0 and torch.equal(no_inline.first_scores, out.first_scores.detach())
 
 
 def test_training_learns_a_fixed_list_resumes_and_loads_back(gguf, tmp_path):
