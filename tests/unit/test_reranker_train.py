@@ -100,7 +100,7 @@ def test_losses_are_finite_and_reach_the_adapter(gguf, tmp_path):
     ex = FixedLists().example("q1", 15, None)
     prompt = builder.build(ex.query, ex.passages)
     assert prompt.ends == enc.ends and len(set(prompt.ends)) == 15
-    for name, p in model.named_parameters():
+    for p in model.parameters():
         p.requires_grad_(False)
     alone = inline_scores(model, prompt.ids, prompt.ends, relevance_tokens(bb.tokenizer))
     torch.testing.assert_close(alone, out.inline_scores.detach(), rtol=1e-4, atol=1e-4)
