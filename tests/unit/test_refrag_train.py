@@ -166,18 +166,27 @@ def test_wikitext_eval_rows_compare_compressed_full_and_the_base_decoder(refrag,
     assert both["no-context", "base", None]["perplexity"] == alone["no-context", "own", None]["perplexity"]
 
 
-def test_wikitext_eval_has_one_row_per_expansion_policy(refrag, tmp_path):
-    """Each policy is its own row where blocks are expanded; nothing expanded is one row, policy "none"."""
+def test_wikitext_eval_has_one_row_per_expansion_policy(refrag, tmp_path, monkeypatch):
+    """Each policy is its own row where blocks are expanded, chosen by that policy; nothing expanded is one row,
+    policy "none"."""
     from sieve.refrag.eval import EvalConfig, run_eval, wikitext_rows
 
     (tmp_path / "text/wikitext-2-raw").mkdir(parents=True)
     (tmp_path / "text/wikitext-2-raw/test.txt").write_text(" ".join(text(40, s) for s in range(6)))
     cfg = EvalConfig(data_root=tmp_path, ks=[4], expansions=[0.0, 0.5], contexts=[16], target_tokens=8, limit=2,
                      policies=["similarity", "recency"])
+    asked = []
+    real = Refrag.choose_expansion
+
+    def spy(self, layout, p, **kw):
+        asked.append((p, kw.get("policy")))
+        return real(self, layout, p, **kw)
+
+    monkeypatch.setattr(Refrag, "choose_expansion", spy)
     rows = {(r["expansion"], r["policy"]): r for r in wikitext_rows(lambda k: refrag, cfg) if r["mode"] == "compressed"}
     assert set(rows) == {(0.0, "none"), (0.5, "similarity"), (0.5, "recency")}
     assert rows[0.5, "recency"]["decoder_positions"] == rows[0.5, "similarity"]["decoder_positions"]
-    assert rows[0.5, "recency"]["perplexity"] != rows[0.5, "similarity"]["perplexity"]
+    assert asked.count((0.5, "recency")) == asked.count((0.5, "similarity")) == 2  # each policy chose, per window
     with pytest.raises(ValueError, match="unknown expansion policy"):
         run_eval(EvalConfig(data_root=tmp_path, tasks=["wikitext"], policies=["nearest"]), home=tmp_path)
 
