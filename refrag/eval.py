@@ -198,11 +198,10 @@ def run_eval(cfg: EvalConfig, *, home: Path, device: str = "auto", dtype: str = 
     unknown = [t for t in cfg.tasks if t not in ("wikitext", "nq")]
     if unknown:
         raise ValueError(f"unknown task(s) {unknown}; known: wikitext, nq")
-    from .policy import POLICIES
+    from .policy import check_policy
 
-    bad = [p for p in cfg.policies if p not in POLICIES]
-    if bad:
-        raise ValueError(f"unknown expansion policy {bad}; known: {', '.join(POLICIES)}")
+    for policy in cfg.policies:
+        check_policy(policy)
     folder = resolve_refrag(cfg.model)
     backbone = load_backbone(resolve_backbone(RefragConfig.load(folder).backbone), home=home, device=device,
                              dtype=dtype)

@@ -26,6 +26,13 @@ from .projector import PolicyScorer
 POLICIES = ("similarity", "recency", "learned")
 
 
+def check_policy(policy: str) -> str:
+    """`policy` if it names a policy, else ValueError naming the known ones."""
+    if policy not in POLICIES:
+        raise ValueError(f"unknown expansion policy {policy!r}; known: {', '.join(POLICIES)}")
+    return policy
+
+
 def n_expanded(n_blocks: int, p: float) -> int:
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"expansion must be a fraction between 0 and 1, got {p}")
@@ -39,17 +46,16 @@ def block_positions(n: int) -> torch.Tensor:
 def score_blocks(policy: str, query: torch.Tensor, blocks: torch.Tensor,
                  scorer: PolicyScorer | None = None) -> torch.Tensor:
     """query [dim], blocks [n, dim] (chunk-encoder vectors) -> scores [n]; higher: expand first."""
+    check_policy(policy)
     if policy == "similarity":
         return F.cosine_similarity(query[None].float(), blocks.float(), dim=-1)
     if policy == "recency":
         return block_positions(len(blocks))
-    if policy == "learned":
-        if scorer is None:
-            raise ValueError("this model has no learned policy (policy.safetensors); use policy='similarity'")
-        p = next(scorer.parameters())
-        with torch.no_grad():
-            return scorer(query.to(p), blocks.to(p), block_positions(len(blocks)).to(p)).float().cpu()
-    raise ValueError(f"unknown expansion policy {policy!r}; known: {', '.join(POLICIES)}")
+    if scorer is None:  # "learned"
+        raise ValueError("this model has no learned policy (policy.safetensors); use policy='similarity'")
+    p = next(scorer.parameters())
+    with torch.no_grad():
+        return scorer(query.to(p), blocks.to(p), block_positions(len(blocks)).to(p)).float().cpu()
 
 
 def select(scores: torch.Tensor, p: float) -> set[int]:

@@ -411,11 +411,12 @@ class AnswerServicer(answer_pb2_grpc.AnswerServiceServicer):
         expansion = request.expansion if request.HasField("expansion") else 0.0
         if not (math.isfinite(expansion) and 0.0 <= expansion <= 1.0):
             raise invalid("expansion", f"must be a fraction between 0 and 1, got {expansion}")
-        from sieve.refrag.policy import POLICIES
+        from sieve.refrag.policy import check_policy
 
-        policy = request.policy or "similarity"
-        if policy not in POLICIES:
-            raise invalid("policy", f"unknown expansion policy {policy!r}; known: {', '.join(POLICIES)}")
+        try:
+            policy = check_policy(request.policy or "similarity")
+        except ValueError as e:
+            raise invalid("policy", str(e)) from None
         return max_new, float(request.temperature), float(expansion), policy
 
     @rpc_stream
