@@ -11,7 +11,7 @@ import torch
 from sieve.backbone import Tokenizer, Transformer
 
 from .encoder import BlockEncoder, ChunkEncoder, EncodedPassage
-from .policy import score_blocks, select
+from .policy import check_policy, score_blocks, select
 from .projector import PolicyScorer, Projector
 from .prompt import Layout, embed_layout, lm_layout, qa_layout
 
@@ -52,6 +52,7 @@ class Refrag:
         """Block indices (into layout.blocks) to feed as tokens. query: the chunk encoder's vector of the question;
         None: the last block (language modelling)."""
         blocks = layout.blocks
+        check_policy(policy)  # an unknown name is an error whatever p is (p = 0 or 1 reads no scores)
         if p <= 0 or not blocks:
             return select(torch.zeros(len(blocks)), p)  # validates p
         if p >= 1:

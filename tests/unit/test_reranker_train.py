@@ -118,7 +118,9 @@ def test_training_learns_a_fixed_list_resumes_and_loads_back(gguf, tmp_path):
     assert [h["step"] for h in history] == list(range(1, 17))
     assert history[-1]["first"] < history[0]["first"] and history[-1]["lm"] < history[0]["lm"]
     assert all(0.0 <= h["pos_rank"] <= 1.0 for h in history)  # the one positive's place under the FIRST scores
-    assert (cfg.out / "checkpoint.pt").is_file() and json.loads((cfg.out / "reranker.json").read_text())["lora_r"]
+    saved_cfg = json.loads((cfg.out / "reranker.json").read_text())
+    assert (cfg.out / "checkpoint.pt").is_file() and saved_cfg["lora_r"]
+    assert saved_cfg["max_passage_tokens"] == 16  # inference cuts passages where training did
 
     cfg.steps = 18  # resume: only steps 17 and 18 run
     train_on(fresh_backbone(gguf, tmp_path), cfg, FixedLists(), progress=False, save=lambda m: None, inject=inject)
