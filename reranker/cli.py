@@ -203,8 +203,10 @@ def eval_reranker(
     first_stage: Annotated[list[str] | None, typer.Option(
         help="bm25, sieve-embed, all-minilm-l6-v2 (repeatable or comma-separated; default bm25)")] = None,
     mode: Annotated[list[str] | None, typer.Option(
-        help="sliding, full, first (repeatable or comma-separated; default all)")] = None,
+        help="sliding, full, first, inline (repeatable or comma-separated; default all)")] = None,
     model: Annotated[str, typer.Option(help="sieve-rank or a reranker folder")] = "sieve-rank",
+    fusion: Annotated[bool, typer.Option(help="also report each mode fused with the first stage (RRF, k=60)")] = (
+        False),
     depth: Annotated[int, typer.Option(min=1, help="first-stage candidates reranked per query")] = 100,
     queries: Annotated[int | None, typer.Option(min=1, help="only the first N judged queries (sorted ids)")] = None,
     unconstrained: Annotated[bool, typer.Option(help="also decode full rankings without the constraint")] = False,
@@ -228,7 +230,7 @@ def eval_reranker(
     for row in evaluate(reranker, datasets, data_root=data or settings.data_path(),
                         home=settings.home / "cache", device=settings.device, dtype=dtype or settings.dtype,
                         first_stages=stages, modes=modes, depth=depth, queries=queries,
-                        unconstrained=unconstrained, top_k=top_k, console=err):
+                        unconstrained=unconstrained, top_k=top_k, fusion=fusion, console=err):
         rows.append(row)
         out = write_eval(name, rows)  # after every row: a long run never loses what it measured
     table = Table(title="reranking quality")

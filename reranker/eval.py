@@ -5,7 +5,9 @@ Rows per (dataset, first stage): the first stage itself, then each mode (sliding
 seconds and tokens processed per query, and for decoded modes the wrong-format, repetition and missing rates
 (share of decoded answers with that fault, read back from the answer text by `parse_permutation`, independent
 of the constraint that produced it: they must be 0). `unconstrained` adds full ranking decoded greedily *without*
-the constraint (answers repaired rank_llm-style), to show what the constraint prevents.
+the constraint (answers repaired rank_llm-style), to show what the constraint prevents. `fusion` adds, for each
+mode, a `<mode>+rrf` row: its order fused with the first stage's by reciprocal rank fusion (fusion.py), from the
+same model calls (its seconds are the mode's).
 
 `top_k`: full and sliding decode only what the top k needs (listwise.py) and the rest of the candidates keep their
 first-stage order below them; with k = 10 the nDCG@10 is that of complete rankings (greedy decoding: the same top
@@ -20,6 +22,7 @@ from pathlib import Path
 
 from sieve.backbone.generate import generate
 
+from .fusion import fuse_with_input_order
 from .listwise import Reranker
 from .permutation import parse_permutation
 
@@ -51,7 +54,7 @@ def unconstrained_full(reranker: Reranker, query: str, passages: list[str]):
 def evaluate(reranker: Reranker, datasets: list[str], *, data_root: Path, home: Path, device: str, dtype: str,
              first_stages: tuple[str, ...] = ("bm25",), modes: tuple[str, ...] = MODES, depth: int = 100,
              queries: int | None = None, unconstrained: bool = False, split: str = "test",
-             top_k: int | None = None, console=None) -> Iterator[dict]:
+             top_k: int | None = None, fusion: bool = False, console=None) -> Iterator[dict]:
     """One row per (dataset, first stage, system), yielded as soon as it is measured."""
     from rich.progress import Progress
     from sieve.embedder.data import RetrievalSet, load_retrieval_set
@@ -75,7 +78,7 @@ def evaluate(reranker: Reranker, datasets: list[str], *, data_root: Path, home: 
             candidates = {q: docs[:depth] for q, docs in ranked.items()}
             systems = list(modes) + (["unconstrained"] if unconstrained else [])
             for mode in systems:
-                run, seconds, tokens, caps = {}, 0.0, 0, []
+                run, fused, seconds, tokens, caps = {}, {}, 0.0, 0, []
                 faults = {"wrong_format": 0, "repeated": 0, "missing": 0}
                 answers = 0
                 with Progress(console=console, transient=True, disable=console is None) as bar:
@@ -106,7 +109,10 @@ def evaluate(reranker: Reranker, datasets: list[str], *, data_root: Path, home: 
                         chosen = set(order)
                         kept = ([docs[i] for i in order] + [d for i, d in enumerate(docs) if i not in chosen]
                                 + ranked[q][depth:])
-                        run[q] = {d: float(len(kept) - r) for r, d in enumerate(kept)}
+                        run[q] = _as_run(kept)
+                        if fusion:
+                            fused[q] = _as_run([docs[i] for i in fuse_with_input_order(order, len(docs))[0]]
+                                               + ranked[q][depth:])
                         bar.update(task, advance=1)
                 row = {"system": f"{stage}+{reranker.name}", "mode": mode, **common,
                        "ndcg@10": round(score(ds, run)["ndcg@10"], 4),
@@ -122,6 +128,16 @@ def evaluate(reranker: Reranker, datasets: list[str], *, data_root: Path, home: 
                 if console is not None:
                     console.print(row)
                 yield row
+                if fusion:
+                    row = {**row, "mode": f"{mode}+rrf", "ndcg@10": round(score(ds, fused)["ndcg@10"], 4)}
+                    if console is not None:
+                        console.print(row)
+                    yield row
+
+
+def _as_run(docs: list[str]) -> dict[str, float]:
+    """A ranked list -> a ranx run (higher is better)."""
+    return {d: float(len(docs) - r) for r, d in enumerate(docs)}
 
 
 def write_eval(name: str, rows: list[dict]) -> Path:

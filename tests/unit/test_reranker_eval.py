@@ -58,3 +58,26 @@ def test_list_options_take_commas_or_repeats():
     assert _items(["bm25,sieve-embed", " all-minilm-l6-v2 ", "full,"]) == ["bm25", "sieve-embed", "all-minilm-l6-v2",
                                                                           "full"]
     assert _items(None) == [] and _items([]) == []
+
+
+def test_fusion_rows_fuse_the_mode_with_the_first_stage(reranker, data_root, tmp_path, monkeypatch):
+    """`<mode>+rrf` rows come from the same calls: a reranker that returns the first-stage order fuses to that same
+    order; one that reverses it fuses to something else. (The tiny corpus has tied BM25 scores, which ranx orders
+    its own way, so the identity ranking is compared with the mode's row, not the first stage's.)"""
+    from sieve.reranker.listwise import RankResult
+
+    def scripted(reverse):
+        def rank(query, passages, *, mode="full", top_k=None):
+            order = list(range(len(passages)))[::-1] if reverse else list(range(len(passages)))
+            return RankResult(order, [float(len(order) - r) for r in range(len(order))], mode)
+        return rank
+
+    monkeypatch.setattr(reranker, "rank", scripted(False))
+    same = run(reranker, data_root, tmp_path, modes=("first",), fusion=True)
+    assert [r["mode"] for r in same] == ["first-stage", "first", "first+rrf"]
+    assert same[1]["ndcg@10"] == same[2]["ndcg@10"]
+    assert same[2]["seconds_per_query"] == same[1]["seconds_per_query"]  # no second model call
+
+    monkeypatch.setattr(reranker, "rank", scripted(True))
+    rev = run(reranker, data_root, tmp_path, modes=("first",), fusion=True)
+    assert rev[1]["ndcg@10"] != same[1]["ndcg@10"] and rev[2]["ndcg@10"] != rev[1]["ndcg@10"]
