@@ -93,7 +93,9 @@ def evaluate(reranker: Reranker, datasets: list[str], *, data_root: Path, home: 
                             tokens += used
                             parsed_all = [parsed] if parsed else []
                         else:
-                            res = reranker.rank(ds.queries[q], texts, mode=mode, top_k=top_k)
+                            # score modes score every passage anyway: fusion reads all of them, as rank(fuse=True)
+                            whole = fusion and mode in ("first", "inline")
+                            res = reranker.rank(ds.queries[q], texts, mode=mode, top_k=None if whole else top_k)
                             order, tokens = res.order, tokens + res.stats.tokens_processed
                             caps.append(res.stats.passage_cap)
                             parsed_all = [parse_permutation(a, size, expected=k)

@@ -27,6 +27,7 @@ from sieve.backbone import Backbone
 from sieve.backbone.generate import stream
 
 from .first import first_scores, inline_scores, relevance_tokens
+from .fusion import fuse_with_input_order
 from .permutation import IdTokens, PermutationConstraint
 from .prompt import RANKGPT, PromptBuilder, PromptTemplate, PromptTooLong
 from .speculative import speculative_decode
@@ -59,6 +60,7 @@ class RankResult:
     stats: RankStats = field(default_factory=RankStats)
     answers: list[str] = field(default_factory=list)  # decoded answer text of each constrained decode
     answer_shapes: list[tuple[int, int]] = field(default_factory=list)  # (ids listed in its prompt, ids asked for)
+    fused: bool = False  # order and scores are the mode's fused with the input order (RRF scores)
 
 
 def sliding_windows(n: int, window: int = 20, stride: int = 10) -> list[tuple[int, int]]:
@@ -93,7 +95,12 @@ class Reranker:
                                      max_passage_tokens=max_passage_tokens, max_query_tokens=max_query_tokens,
                                      min_passage_tokens=min_passage_tokens)
 
-    def rank(self, query: str, passages: list[str], *, mode: str = "full", top_k: int | None = None) -> RankResult:
+    def rank(self, query: str, passages: list[str], *, mode: str = "full", top_k: int | None = None,
+             fuse: bool = False) -> RankResult:
+        """Rank `passages` for `query` -> their indices best first (top_k of them) with scores.
+
+        fuse: combine the mode's order with the input order by reciprocal rank fusion (fusion.py); the passages
+        must then come in a first stage's order, best first. Scores are then RRF scores."""
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
         if isinstance(passages, str):
@@ -126,8 +133,11 @@ class Reranker:
                     scores = first_scores(self.backbone.model, prompt.ids, self.ids, n)
                     stats.prompt_tokens += len(prompt.ids) + len(self.ids.first_open) + _trie_size(self.ids, n)
                 stats.forward_passes += 1
-                ranked = sorted(range(n), key=lambda i: (-float(scores[i]), i))[: top_k or n]
+                ranked = sorted(range(n), key=lambda i: (-float(scores[i]), i))[: n if fuse else top_k or n]
                 result = RankResult(ranked, [float(scores[i]) for i in ranked], mode, stats)
+        if fuse:
+            order, fused = fuse_with_input_order(result.order, n)
+            result.order, result.scores, result.fused = order[: top_k or n], fused[: top_k or n], True
         stats.seconds = time.perf_counter() - t0
         return result
 

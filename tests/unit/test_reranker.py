@@ -323,6 +323,23 @@ def test_inline_scores_read_yes_minus_no_where_each_passage_ends(reranker, backb
     assert top.order == res.order[:3]
 
 
+@pytest.mark.parametrize("mode", ["inline", "full"])
+def test_fuse_combines_the_mode_with_the_input_order(reranker, mode):
+    """fuse=True: the mode's order fused with the input (first-stage) order by RRF; score modes fuse their whole
+    order before top_k cuts it."""
+    from sieve.reranker.fusion import fuse_with_input_order
+
+    ps = passages(9)
+    alone = reranker.rank("a query", ps, mode=mode)
+    fused = reranker.rank("a query", ps, mode=mode, fuse=True)
+    want, scores = fuse_with_input_order(alone.order, 9)
+    assert fused.fused and not alone.fused and fused.order == want and fused.scores == scores
+    top = reranker.rank("a query", ps, mode=mode, fuse=True, top_k=3)
+    if mode == "inline":
+        assert top.order == want[:3]
+    assert len(top.order) == 3 and top.scores == sorted(top.scores, reverse=True)
+
+
 def test_rank_input_errors(reranker):
     assert reranker.rank("q", [], mode="full").order == []
     with pytest.raises(ValueError, match="unknown mode"):
