@@ -45,9 +45,12 @@ def rerank(
     passages: Annotated[list[str] | None, typer.Argument(help="passages to rank (or --file / stdin '-')")] = None,
     file: Annotated[Path | None, typer.Option(help="read passages from a file: one per line, or JSON lines "
                                                    "with a 'text' field")] = None,
-    mode: Annotated[str, typer.Option(help="full (one pass), first (first-token logits), inline (scores at each "
-                                           "passage's end, one pass), sliding (window 20, stride 10)")] = "full",
+    mode: Annotated[str | None, typer.Option(help="full (one pass), first (first-token logits), inline (scores at "
+                                                  "each passage's end, one pass), sliding (window 20, stride 10); "
+                                                  "default: the reranker's own")] = None,
     top_k: Annotated[int | None, typer.Option(min=1, help="return (and decode) only the top k")] = None,
+    fuse: Annotated[bool | None, typer.Option("--fuse/--no-fuse", help="fuse the order with the order given (RRF: "
+                                              "give the passages best first); default: the reranker's own")] = None,
     model: Annotated[str, typer.Option(help="sieve-rank or a reranker folder (local; a server uses its own)")] = (
         "sieve-rank"),
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
@@ -69,19 +72,19 @@ def rerank(
         raise _fail("no passages: pass them as arguments, with --file, or '-' for stdin")
     if remote:
         with remote_errors(), connect(remote, api_key) as client:
-            got = client.rerank(query, texts, mode=mode, top_k=top_k)
-        out = {"model": got.model, "mode": got.mode,
+            got = client.rerank(query, texts, mode=mode, top_k=top_k, fuse=fuse)
+        out = {"model": got.model, "mode": got.mode, "fused": got.fused,
                "ranking": [{"index": r.index, "score": round(r.score, 4), "text": texts[r.index][:200]} for r in got],
                "stats": {"tokens": got.tokens, "passage_cap": got.passage_cap, "truncated": got.truncated,
                          "seconds": round(got.seconds, 3), "server": remote}}
         footer = (f"[dim]{got.tokens} tokens on {remote}, {got.passage_cap} tokens per passage ({got.truncated} cut), "
                   f"{got.seconds:.2f} s[/]")
     else:
-        out, footer = _rank_locally(query, texts, mode, top_k, model)
+        out, footer = _rank_locally(query, texts, mode, top_k, model, fuse)
     if as_json:
         console.print_json(json.dumps(out))
         return
-    table = Table(title=f"{out['model']} ({out['mode']})")
+    table = Table(title=f"{out['model']} ({out['mode']}{', fused with the order given' if out['fused'] else ''})")
     for col in ("rank", "index", "score", "passage"):
         table.add_column(col)
     for r, item in enumerate(out["ranking"], start=1):
@@ -90,17 +93,18 @@ def rerank(
     err.print(footer)
 
 
-def _rank_locally(query: str, texts: list[str], mode: str, top_k: int | None, model: str) -> tuple[dict, str]:
+def _rank_locally(query: str, texts: list[str], mode: str | None, top_k: int | None, model: str,
+                  fuse: bool | None = None) -> tuple[dict, str]:
     from .prompt import PromptTooLong
 
     settings = _settings()
     reranker = _load(model, settings)
     try:
-        res = reranker.rank(query, texts, mode=mode, top_k=top_k)
+        res = reranker.rank(query, texts, mode=mode, top_k=top_k, fuse=fuse)
     except (PromptTooLong, ValueError) as e:
         raise _fail(str(e)) from None
     s = res.stats
-    out = {"model": reranker.name, "mode": res.mode,
+    out = {"model": reranker.name, "mode": res.mode, "fused": res.fused,
            "ranking": [{"index": i, "score": round(sc, 4), "text": texts[i][:200]} for i, sc in
                        zip(res.order, res.scores)],
            "stats": {"prompt_tokens": s.prompt_tokens, "generated_tokens": s.generated_tokens,

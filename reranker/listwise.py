@@ -81,8 +81,11 @@ class Reranker:
     def __init__(self, backbone: Backbone, *, name: str = "sieve-rank", template: PromptTemplate = RANKGPT,
                  max_passage_tokens: int = 256, max_query_tokens: int = 128, min_passage_tokens: int = 8,
                  window: int = 20, stride: int = 10, jump_forward: bool = True, speculative: bool = True,
-                 prefill_mode: str = "causal"):
+                 prefill_mode: str = "causal", mode: str = "full", fuse: bool = False):
         self.backbone, self.name = backbone, name
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+        self.mode, self.fuse = mode, fuse  # what rank() does when a call does not say (the model card's advice)
         # attention mode of the full and sliding prompts' prefill: "sparse" is the block-sparse prefill of
         # sieve.kernels (register_sparse_attention first); decoding and FIRST's one forward stay dense
         self.prefill_mode = prefill_mode
@@ -95,12 +98,15 @@ class Reranker:
                                      max_passage_tokens=max_passage_tokens, max_query_tokens=max_query_tokens,
                                      min_passage_tokens=min_passage_tokens)
 
-    def rank(self, query: str, passages: list[str], *, mode: str = "full", top_k: int | None = None,
-             fuse: bool = False) -> RankResult:
+    def rank(self, query: str, passages: list[str], *, mode: str | None = None, top_k: int | None = None,
+             fuse: bool | None = None) -> RankResult:
         """Rank `passages` for `query` -> their indices best first (top_k of them) with scores.
 
+        mode: full | first | inline | sliding (None: this reranker's default, `self.mode`).
         fuse: combine the mode's order with the input order by reciprocal rank fusion (fusion.py); the passages
-        must then come in a first stage's order, best first. Scores are then RRF scores."""
+        must then come in a first stage's order, best first. Scores are then RRF scores. None: `self.fuse`."""
+        mode = self.mode if mode is None else mode
+        fuse = self.fuse if fuse is None else fuse
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
         if isinstance(passages, str):

@@ -1,6 +1,7 @@
 """A reranker model folder: `reranker.json` (+ an optional LoRA adapter and the model card) -> a `Reranker`.
 
-    reranker.json         RerankerConfig: backbone, prompt template, budgets, window, LoRA shape (0: none)
+    reranker.json         RerankerConfig: backbone, prompt template, budgets, window, LoRA shape (0: none), and
+                          the default mode and fusion (what the model was trained to do well)
     adapter.safetensors   LoRA A/B per target linear (`layers.3.attention.wqkv.lora_A` ...), merged at load
     README.md             the model card: what it is, the command and data that made it
     train_log.json        written by train.py
@@ -36,6 +37,8 @@ class RerankerConfig:
     lora_r: int = 0  # 0: no adapter (the base model, zero-shot)
     lora_alpha: float = 0.0
     lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    mode: str = "full"  # how the model ranks when a call does not say (Rerank's UNSPECIFIED, Search(rerank))
+    fuse: bool = False  # ... and whether it fuses its order with the first stage's (RRF) by default
 
     def save(self, folder: Path) -> None:
         (folder / CONFIG).write_text(json.dumps(dataclasses.asdict(self), indent=1) + "\n")
@@ -72,7 +75,7 @@ def reranker_from_config(backbone, cfg: RerankerConfig, *, name: str):
         raise ValueError(f"unknown prompt template {cfg.template!r}; known: {', '.join(TEMPLATES)}")
     return Reranker(backbone, name=name, template=TEMPLATES[cfg.template], max_passage_tokens=cfg.max_passage_tokens,
                     max_query_tokens=cfg.max_query_tokens, min_passage_tokens=cfg.min_passage_tokens,
-                    window=cfg.window, stride=cfg.stride)
+                    window=cfg.window, stride=cfg.stride, mode=cfg.mode, fuse=cfg.fuse)
 
 
 def load_reranker(name_or_path: str | Path = DEFAULT, *, home: str | Path, device: str = "auto",

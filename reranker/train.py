@@ -311,7 +311,10 @@ def train_on(backbone, cfg: TrainConfig, lists, *, progress: bool, save, inject)
     model.eval()
     save(model)
     RerankerConfig(backbone=cfg.backbone, template=cfg.template, max_passage_tokens=cfg.max_passage_tokens,
-                   lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha).save(cfg.out)
+                   lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                   # trained on inline scores alone: generation and FIRST were not trained, inline is its mode
+                   mode="inline" if cfg.inline_weight and not (cfg.lm_weight or cfg.first_weight) else "full",
+                   ).save(cfg.out)
     summary = {"steps": len(history), "seconds_this_run": round(time.perf_counter() - t0, 1),
                "final_lm_avg10": _mean_last([h["lm"] for h in history], 10),
                "final_first_avg10": _mean_last([h["first"] for h in history], 10),

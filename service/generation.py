@@ -40,7 +40,7 @@ from .interceptors import request_id
 
 log = logging.getLogger("sieve.service.generation")
 
-MODES = {0: "full", 1: "full", 2: "first", 3: "sliding", 4: "inline"}  # sieve.v1.RerankMode
+MODES = {0: None, 1: "full", 2: "first", 3: "sliding", 4: "inline"}  # sieve.v1.RerankMode (None: the model's own)
 MODE_ENUM = {"full": 1, "first": 2, "sliding": 3, "inline": 4}
 
 
@@ -285,12 +285,14 @@ class Ranked:
     inference_ns: int
 
 
-async def _rank(state, query: str, passages: list[str], mode: str, top_k: int | None, context):
+async def _rank(state, query: str, passages: list[str], mode: str | None, top_k: int | None, context,
+                fuse: bool | None = None):
+    """mode / fuse None: the reranker's own defaults (its reranker.json)."""
     from sieve.reranker import PromptTooLong
 
     reranker, lane = await _within(state.generation.reranker(), context)
     try:
-        result, waited = await lane.run(lambda: reranker.rank(query, passages, mode=mode, top_k=top_k),
+        result, waited = await lane.run(lambda: reranker.rank(query, passages, mode=mode, top_k=top_k, fuse=fuse),
                                         deadline=_deadline(context))
     except PromptTooLong as e:
         raise invalid("passages", str(e)) from None
@@ -298,10 +300,9 @@ async def _rank(state, query: str, passages: list[str], mode: str, top_k: int | 
 
 
 async def rerank_hits(state, query: str, hits: list, k: int, context) -> Ranked:
-    """Search(rerank=true): order the candidates' chunk texts with the full-ranking reranker; the best `k`, each
-    with the reranker's score."""
-    reranker, result, waited = await _rank(state, query, [h.text for h in hits], "full", min(k, len(hits)),
-                                           context)
+    """Search(rerank=true): order the candidates' chunk texts (in the index's order) with the reranker in its
+    default mode and fusion; the best `k`, each with the reranker's score."""
+    reranker, result, waited = await _rank(state, query, [h.text for h in hits], None, min(k, len(hits)), context)
     ranked = [dataclasses.replace(hits[i], score=float(score)) for i, score in zip(result.order, result.scores)]
     s = result.stats
     return Ranked(ranked, reranker.name, s.tokens_processed, waited, int(s.seconds * 1e9))
@@ -328,12 +329,13 @@ class RerankServicer(rerank_pb2_grpc.RerankServiceServicer):
                           "RERANK_MODE_SLIDING or RERANK_MODE_INLINE")
         mode = MODES[request.mode]
         top_k = min(request.top_k, len(passages)) if request.top_k else None
-        reranker, result, waited = await _rank(self.state, request.query, passages, mode, top_k, context)
+        fuse = request.fuse if request.HasField("fuse") else None
+        reranker, result, waited = await _rank(self.state, request.query, passages, mode, top_k, context, fuse)
         s = result.stats
         ranks = [rerank_pb2.Rank(index=i, score=float(score), text=passages[i] if request.return_text else None)
                  for i, score in zip(result.order, result.scores)]
         return rerank_pb2.RerankResponse(ranks=ranks, model=reranker.name, mode=MODE_ENUM[result.mode],
-                                         passage_cap=s.passage_cap, truncated=s.truncated,
+                                         passage_cap=s.passage_cap, truncated=s.truncated, fused=result.fused,
                                          metadata=_metadata(s.tokens_processed, waited, int(s.seconds * 1e9)))
 
 

@@ -171,19 +171,24 @@ RERANK_MODES = {"full": 1, "first": 2, "sliding": 3, "inline": 4}
 _MODE_NAMES = {v: k for k, v in RERANK_MODES.items()} | {0: "full"}
 
 
-def rerank_request(query: str, passages, mode: str, top_k: int | None, return_text: bool) -> rerank_pb2.RerankRequest:
+def rerank_request(query: str, passages, mode: str | None, top_k: int | None, return_text: bool,
+                   fuse: bool | None = None) -> rerank_pb2.RerankRequest:
     if isinstance(passages, str):
         raise TypeError("pass a list of passages; wrap a single passage in a list")
     if top_k is not None and top_k < 1:
         raise ValueError("top_k must be at least 1 (or None for all)")
-    return rerank_pb2.RerankRequest(query=query, passages=list(passages), mode=_choice(mode, RERANK_MODES, "mode"),
-                                    top_k=top_k or 0, return_text=return_text)
+    request = rerank_pb2.RerankRequest(query=query, passages=list(passages), top_k=top_k or 0,
+                                       mode=0 if mode is None else _choice(mode, RERANK_MODES, "mode"),
+                                       return_text=return_text)
+    if fuse is not None:
+        request.fuse = fuse
+    return request
 
 
 def rerank_result(r: rerank_pb2.RerankResponse) -> RerankResult:
     ranks = [Rank(x.index, x.score, x.text if x.HasField("text") else None) for x in r.ranks]
     return RerankResult(ranks, r.model, _MODE_NAMES.get(r.mode, "full"), r.passage_cap, r.truncated,
-                        r.metadata.tokens, r.metadata.inference_time_ns / 1e9, r.metadata.request_id)
+                        r.metadata.tokens, r.metadata.inference_time_ns / 1e9, r.metadata.request_id, r.fused)
 
 
 def answer_request(question: str, collection: str | None, passages, k: int, max_new_tokens: int, temperature: float,

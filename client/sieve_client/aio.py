@@ -238,12 +238,14 @@ class AsyncSieveClient:
         request = cv.search_request(collection, query, k, filters, rerank)
         return cv.hits(await self._call(self._search.Search, request, timeout))
 
-    async def rerank(self, query: str, passages: Sequence[str], *, mode: str = "full", top_k: int | None = None,
-                     return_text: bool = False, timeout: float | None = None) -> RerankResult:
-        """Rank `passages` by relevance to `query` in one pass (mode "full"), by first-token logits ("first") or
-        with the sliding-window baseline ("sliding"); `top_k`: only the best k. See `SieveClient.rerank`."""
-        r = await self._call(self._rerank.Rerank, cv.rerank_request(query, passages, mode, top_k, return_text),
-                             timeout)
+    async def rerank(self, query: str, passages: Sequence[str], *, mode: str | None = None,
+                     top_k: int | None = None, fuse: bool | None = None, return_text: bool = False,
+                     timeout: float | None = None) -> RerankResult:
+        """Rank `passages` by relevance to `query`: mode "full", "first", "inline" or "sliding" (None: the served
+        reranker's default); `fuse`: fuse with the order sent (RRF); `top_k`: only the best k. See
+        `SieveClient.rerank`."""
+        r = await self._call(self._rerank.Rerank,
+                             cv.rerank_request(query, passages, mode, top_k, return_text, fuse), timeout)
         return cv.rerank_result(r)
 
     def answer(self, question: str, *, collection: str | None = None, passages: Sequence[str] = (), k: int = 0,

@@ -270,13 +270,17 @@ class SieveClient:
         return cv.hits(self._call(self._search.Search, cv.search_request(collection, query, k, filters, rerank),
                                   timeout))
 
-    def rerank(self, query: str, passages: Sequence[str], *, mode: str = "full", top_k: int | None = None,
-               return_text: bool = False, timeout: float | None = None) -> RerankResult:
+    def rerank(self, query: str, passages: Sequence[str], *, mode: str | None = None, top_k: int | None = None,
+               fuse: bool | None = None, return_text: bool = False, timeout: float | None = None) -> RerankResult:
         """Rank `passages` by relevance to `query`: "full" ranks the whole list in one pass (always a valid
         permutation; scores n - position), "first" by first-token logits (one forward; scores are log-probs),
-        "sliding" with the sliding-window baseline. `top_k`: only the best k (full mode also decodes only k ids).
-        Iterate the result for `Rank`s, best first, or take `.order`."""
-        r = self._call(self._rerank.Rerank, cv.rerank_request(query, passages, mode, top_k, return_text), timeout)
+        "inline" by scores read at each passage's end (one forward), "sliding" with the sliding-window baseline;
+        None: the served reranker's default (`Info`'s model card). `fuse`: fuse that order with the order sent
+        (reciprocal rank fusion; send the passages best first, as a first stage ranked them; None: the reranker's
+        default). `top_k`: only the best k (full mode also decodes only k ids). Iterate the result for `Rank`s,
+        best first, or take `.order`."""
+        r = self._call(self._rerank.Rerank, cv.rerank_request(query, passages, mode, top_k, return_text, fuse),
+                       timeout)
         return cv.rerank_result(r)
 
     def answer(self, question: str, *, collection: str | None = None, passages: Sequence[str] = (), k: int = 0,

@@ -150,12 +150,13 @@ class RerankResult:
 
     ranks: list[Rank]
     model: str
-    mode: str  # full | first | sliding
+    mode: str  # full | first | sliding | inline
     passage_cap: int = 0  # tokens each passage was allowed
     truncated: int = 0  # passages cut to passage_cap
     tokens: int = 0  # tokens the model processed
     seconds: float = 0.0  # model time
     request_id: str = ""
+    fused: bool = False  # the mode's order fused with the request order (RRF scores)
 
     @property
     def order(self) -> list[int]:

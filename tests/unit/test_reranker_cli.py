@@ -42,6 +42,17 @@ def test_rerank_prints_a_permutation(cli, model_dir, mode):
     assert got["stats"]["prompt_tokens"] > 0
 
 
+def test_rerank_defaults_come_from_the_model_folder_and_fuse_overrides(cli, model_dir, tmp_path):
+    folder = tmp_path / "inline-model"
+    folder.mkdir()
+    RerankerConfig(backbone=str(model_dir / "tiny.gguf"), mode="inline", fuse=True).save(folder)
+    args = ("heart attack", "aspirin helps", "the eiffel tower", "aspirin and heart", "--model", str(folder), "--json")
+    default = json.loads(cli(*args).stdout)
+    assert (default["mode"], default["fused"]) == ("inline", True)
+    plain = json.loads(cli(*args, "--no-fuse", "--mode", "full").stdout)
+    assert (plain["mode"], plain["fused"]) == ("full", False)
+
+
 def test_rerank_reads_a_file_and_honours_top_k(cli, model_dir, tmp_path):
     f = tmp_path / "passages.jsonl"
     f.write_text("\n".join(json.dumps({"text": f"passage {i}"}) for i in range(12)) + "\n")

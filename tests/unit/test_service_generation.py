@@ -116,6 +116,25 @@ def test_rerank_through_the_server_equals_the_library(server, reranker, mode):
     assert got.tokens == want.stats.tokens_processed > 0 and got.seconds > 0
 
 
+def test_rerank_defaults_are_the_models_and_fuse_is_per_call(server, reranker, monkeypatch):
+    """An unset mode / fuse takes the served reranker's own defaults (its reranker.json); a call can override
+    either; fused answers say so and carry the RRF order of the mode's order and the request order."""
+    from sieve.reranker.fusion import fuse_with_input_order
+
+    monkeypatch.setattr(reranker, "mode", "inline")
+    monkeypatch.setattr(reranker, "fuse", True)
+    inline = reranker.rank(QUERY, PASSAGES, mode="inline", fuse=False)
+    with server.client() as c:
+        default = c.rerank(QUERY, PASSAGES)
+        assert (default.mode, default.fused) == ("inline", True)
+        assert default.order == fuse_with_input_order(inline.order, len(PASSAGES))[0]
+        plain = c.rerank(QUERY, PASSAGES, fuse=False)
+        assert (plain.mode, plain.fused, plain.order) == ("inline", False, inline.order)
+        full = c.rerank(QUERY, PASSAGES, mode="full", fuse=False)
+        assert (full.mode, full.fused) == ("full", False)
+        assert full.order == reranker.rank(QUERY, PASSAGES, mode="full", fuse=False).order
+
+
 def test_rerank_top_k_keeps_the_best_k(server, reranker):
     want = reranker.rank(QUERY, PASSAGES, mode="full", top_k=2)
     with server.client() as c:
@@ -307,7 +326,8 @@ def _index(server, embedder, refrag):  # noqa: F811
     assert jobs.get_job(engine, job.id).status == "done"
 
 
-def test_search_with_rerank_and_answer_from_a_collection(server, embedder, reranker, refrag):  # noqa: F811
+def test_search_with_rerank_and_answer_from_a_collection(server, embedder, reranker, refrag,  # noqa: F811
+                                                         monkeypatch):
     from sieve.store import session_scope
     from sieve.store.blocks import fetch_blocks
 
@@ -319,11 +339,14 @@ def test_search_with_rerank_and_answer_from_a_collection(server, embedder, reran
         query = "heart attack risk"
         candidates = c.search("docs", query, k=5)  # the server's rerank depth: 5
         assert len(candidates) == 5 and all(h.vector_score == h.score for h in candidates)
-        want = reranker.rank(query, [h.text for h in candidates], mode="full", top_k=3)
-        got = c.search("docs", query, k=3, rerank=True)
-        assert [h.chunk_id for h in got] == [candidates[i].chunk_id for i in want.order]
-        assert [h.score for h in got] == pytest.approx(want.scores)
-        assert [h.vector_score for h in got] == pytest.approx([candidates[i].score for i in want.order])
+        for mode, fuse in (("full", False), ("inline", True)):  # Search reranks with the reranker's defaults
+            monkeypatch.setattr(reranker, "mode", mode)
+            monkeypatch.setattr(reranker, "fuse", fuse)
+            want = reranker.rank(query, [h.text for h in candidates], top_k=3)
+            got = c.search("docs", query, k=3, rerank=True)
+            assert [h.chunk_id for h in got] == [candidates[i].chunk_id for i in want.order]
+            assert [h.score for h in got] == pytest.approx(want.scores)
+            assert [h.vector_score for h in got] == pytest.approx([candidates[i].score for i in want.order])
         with pytest.raises(InvalidArgument, match="k: 9 is over this server's limit of 8 with rerank"):
             c.search("docs", query, k=9, rerank=True)
 

@@ -22,18 +22,20 @@ RERANK_MODE_SLIDING: RerankMode
 RERANK_MODE_INLINE: RerankMode
 
 class RerankRequest(_message.Message):
-    __slots__ = ("query", "passages", "return_text", "top_k", "mode")
+    __slots__ = ("query", "passages", "return_text", "top_k", "mode", "fuse")
     QUERY_FIELD_NUMBER: _ClassVar[int]
     PASSAGES_FIELD_NUMBER: _ClassVar[int]
     RETURN_TEXT_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
+    FUSE_FIELD_NUMBER: _ClassVar[int]
     query: str
     passages: _containers.RepeatedScalarFieldContainer[str]
     return_text: bool
     top_k: int
     mode: RerankMode
-    def __init__(self, query: _Optional[str] = ..., passages: _Optional[_Iterable[str]] = ..., return_text: _Optional[bool] = ..., top_k: _Optional[int] = ..., mode: _Optional[_Union[RerankMode, str]] = ...) -> None: ...
+    fuse: bool
+    def __init__(self, query: _Optional[str] = ..., passages: _Optional[_Iterable[str]] = ..., return_text: _Optional[bool] = ..., top_k: _Optional[int] = ..., mode: _Optional[_Union[RerankMode, str]] = ..., fuse: _Optional[bool] = ...) -> None: ...
 
 class Rank(_message.Message):
     __slots__ = ("index", "text", "score")
@@ -46,17 +48,19 @@ class Rank(_message.Message):
     def __init__(self, index: _Optional[int] = ..., text: _Optional[str] = ..., score: _Optional[float] = ...) -> None: ...
 
 class RerankResponse(_message.Message):
-    __slots__ = ("ranks", "metadata", "model", "mode", "passage_cap", "truncated")
+    __slots__ = ("ranks", "metadata", "model", "mode", "passage_cap", "truncated", "fused")
     RANKS_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     PASSAGE_CAP_FIELD_NUMBER: _ClassVar[int]
     TRUNCATED_FIELD_NUMBER: _ClassVar[int]
+    FUSED_FIELD_NUMBER: _ClassVar[int]
     ranks: _containers.RepeatedCompositeFieldContainer[Rank]
     metadata: _common_pb2.Metadata
     model: str
     mode: RerankMode
     passage_cap: int
     truncated: int
-    def __init__(self, ranks: _Optional[_Iterable[_Union[Rank, _Mapping]]] = ..., metadata: _Optional[_Union[_common_pb2.Metadata, _Mapping]] = ..., model: _Optional[str] = ..., mode: _Optional[_Union[RerankMode, str]] = ..., passage_cap: _Optional[int] = ..., truncated: _Optional[int] = ...) -> None: ...
+    fused: bool
+    def __init__(self, ranks: _Optional[_Iterable[_Union[Rank, _Mapping]]] = ..., metadata: _Optional[_Union[_common_pb2.Metadata, _Mapping]] = ..., model: _Optional[str] = ..., mode: _Optional[_Union[RerankMode, str]] = ..., passage_cap: _Optional[int] = ..., truncated: _Optional[int] = ..., fused: _Optional[bool] = ...) -> None: ...
