@@ -312,9 +312,7 @@ def train_on(backbone, cfg: TrainConfig, lists, *, progress: bool, save, inject)
     save(model)
     RerankerConfig(backbone=cfg.backbone, template=cfg.template, max_passage_tokens=cfg.max_passage_tokens,
                    lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                   # trained on inline scores alone: generation and FIRST were not trained, inline is its mode
-                   mode="inline" if cfg.inline_weight and not (cfg.lm_weight or cfg.first_weight) else "full",
-                   ).save(cfg.out)
+                   mode=default_mode(cfg)).save(cfg.out)
     summary = {"steps": len(history), "seconds_this_run": round(time.perf_counter() - t0, 1),
                "final_lm_avg10": _mean_last([h["lm"] for h in history], 10),
                "final_first_avg10": _mean_last([h["first"] for h in history], 10),
@@ -336,6 +334,11 @@ SOURCE_CARD = {
 }
 
 
+def default_mode(cfg: TrainConfig) -> str:
+    """Trained on inline scores alone, generation and FIRST were not trained: inline is the model's mode."""
+    return "inline" if cfg.inline_weight and not (cfg.lm_weight or cfg.first_weight) else "full"
+
+
 def _nan(value: float | None) -> float:
     return float("nan") if value is None else value
 
@@ -350,11 +353,11 @@ def write_model_card(cfg: TrainConfig, summary: dict) -> None:
 
     c = summary["config"]
     total = sum(cfg.sources.values())
-    (cfg.out / "README.md").write_text(f"""# sieve-rank
+    (cfg.out / "README.md").write_text(f"""# {cfg.out.name}
 
 LoRA adapter (r={cfg.lora_r}, alpha={cfg.lora_alpha}, on {", ".join(LORA_TARGETS)}) for {cfg.backbone}: listwise
-reranking of a whole candidate list in one pass (`full`), first-token scoring (`first`) and the sliding-window
-baseline, all from `sieve.reranker`.
+reranking of a whole candidate list in one pass (`full`), first-token scoring (`first`), inline scores (`inline`)
+and the sliding-window baseline, all from `sieve.reranker`. Default mode (`reranker.json`): `{default_mode(cfg)}`.
 
 - Made by: `{command_line()}` at git {git_commit()}, {summary["steps"]} steps, {summary["seconds_this_run"]} s
   (this run) on {summary["device"]}.

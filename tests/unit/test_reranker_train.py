@@ -203,6 +203,15 @@ def test_time_budget_stops_after_a_step_and_saves(gguf, tmp_path):
                        save=lambda m: saved.update(lora_state(m)), inject=inject)
     assert summary["steps"] == 1 and saved  # one step, then the adapter is written all the same
     assert torch.load(cfg.out / "checkpoint.pt", weights_only=False)["step"] == 1
+    assert json.loads((cfg.out / "reranker.json").read_text())["mode"] == "full"
+
+
+def test_inline_only_training_makes_inline_the_default_mode(gguf, tmp_path):
+    cfg = TrainConfig(out=tmp_path / "inline", data_root=tmp_path, steps=1, batch_size=1, n_min=6, n_max=6,
+                      dtype="float32", max_passage_tokens=16, lm_weight=0.0, first_weight=0.0)
+    train_on(fresh_backbone(gguf, tmp_path), cfg, FixedLists(), progress=False, save=lambda m: None, inject=inject)
+    assert json.loads((cfg.out / "reranker.json").read_text())["mode"] == "inline"
+    assert "Default mode (`reranker.json`): `inline`" in (cfg.out / "README.md").read_text()
 
 
 def test_id_token_loss_equals_one_softmax_per_target():
