@@ -81,11 +81,17 @@ class Reranker:
     def __init__(self, backbone: Backbone, *, name: str = "sieve-rank", template: PromptTemplate = RANKGPT,
                  max_passage_tokens: int = 256, max_query_tokens: int = 128, min_passage_tokens: int = 8,
                  window: int = 20, stride: int = 10, jump_forward: bool = True, speculative: bool = True,
-                 prefill_mode: str = "causal", mode: str = "full", fuse: bool = False):
+                 prefill_mode: str = "causal", mode: str = "full", fuse: bool = False,
+                 inline_window: int | None = None):
         self.backbone, self.name = backbone, name
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
         self.mode, self.fuse = mode, fuse  # what rank() does when a call does not say (the model card's advice)
+        if inline_window is not None and inline_window < 1:
+            raise ValueError("inline_window must be at least 1 (or None: one prompt)")
+        # inline mode scores lists longer than this in consecutive prompts of this many passages (input order),
+        # the list sizes the model was trained on; None: every passage in one prompt
+        self.inline_window = inline_window
         # attention mode of the full and sliding prompts' prefill: "sparse" is the block-sparse prefill of
         # sieve.kernels (register_sparse_attention first); decoding and FIRST's one forward stay dense
         self.prefill_mode = prefill_mode
@@ -122,6 +128,10 @@ class Reranker:
         stats = RankStats()
         if mode == "sliding":
             result = self._sliding(query, p_ids, top_k, stats)
+        elif mode == "inline" and self.inline_window and n > self.inline_window:
+            scores = self._inline_windows(query, p_ids, stats)
+            ranked = sorted(range(n), key=lambda i: (-scores[i], i))[: n if fuse else top_k or n]
+            result = RankResult(ranked, [scores[i] for i in ranked], mode, stats)
         else:
             reserve = (self.ids.output_length(n, top_k) if mode == "full" else 0 if mode == "inline"
                        else len(self.ids.first_open) + _trie_size(self.ids, n))
@@ -148,6 +158,20 @@ class Reranker:
         return result
 
     # ------------------------------------------------------------------------------------------------- parts
+
+    def _inline_windows(self, query: str, p_ids: list[list[int]], stats: RankStats) -> list[float]:
+        """Inline scores of consecutive groups of `inline_window` passages, one prompt each -> [n] scores."""
+        scores: list[float] = []
+        caps, w = [], self.inline_window
+        for start in range(0, len(p_ids), w):
+            prompt = self.prompts.build(query, p_ids[start:start + w], reserve=0)
+            scores += inline_scores(self.backbone.model, prompt.ids, prompt.ends, self.relevance).tolist()
+            stats.prompt_tokens += len(prompt.ids)
+            stats.forward_passes += 1
+            stats.truncated += prompt.truncated
+            caps.append(prompt.passage_cap)
+        stats.passage_cap = min(caps)
+        return scores
 
     def _decode(self, prompt_ids: list[int], n: int, k: int | None, stats: RankStats) -> tuple[list[int], str]:
         """Constrained greedy decoding of one answer -> (0-based order of k ids, answer text)."""

@@ -39,6 +39,7 @@ class RerankerConfig:
     lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
     mode: str = "full"  # how the model ranks when a call does not say (Rerank's UNSPECIFIED, Search(rerank))
     fuse: bool = False  # ... and whether it fuses its order with the first stage's (RRF) by default
+    inline_window: int | None = None  # inline mode: passages per prompt (None: all in one)
 
     def save(self, folder: Path) -> None:
         (folder / CONFIG).write_text(json.dumps(dataclasses.asdict(self), indent=1) + "\n")
@@ -75,7 +76,8 @@ def reranker_from_config(backbone, cfg: RerankerConfig, *, name: str):
         raise ValueError(f"unknown prompt template {cfg.template!r}; known: {', '.join(TEMPLATES)}")
     return Reranker(backbone, name=name, template=TEMPLATES[cfg.template], max_passage_tokens=cfg.max_passage_tokens,
                     max_query_tokens=cfg.max_query_tokens, min_passage_tokens=cfg.min_passage_tokens,
-                    window=cfg.window, stride=cfg.stride, mode=cfg.mode, fuse=cfg.fuse)
+                    window=cfg.window, stride=cfg.stride, mode=cfg.mode, fuse=cfg.fuse,
+                    inline_window=cfg.inline_window)
 
 
 def load_reranker(name_or_path: str | Path = DEFAULT, *, home: str | Path, device: str = "auto",

@@ -323,6 +323,27 @@ def test_inline_scores_read_yes_minus_no_where_each_passage_ends(reranker, backb
     assert top.order == res.order[:3]
 
 
+def test_inline_window_scores_groups_of_passages_in_their_own_prompts(reranker, backbone):
+    """inline_window=4 over 10 passages: prompts of passages 0-3, 4-7, 8-9, each scored as on its own; lists that
+    fit one window are ranked exactly as without windows."""
+    from sieve.reranker.first import inline_scores
+
+    windowed = Reranker(backbone, max_passage_tokens=24, mode="inline", inline_window=4)
+    ps = passages(10)
+    want = []
+    for start in (0, 4, 8):
+        prompt = windowed.prompts.build("a query", ps[start:start + 4], reserve=0)
+        want += inline_scores(backbone.model, prompt.ids, prompt.ends, windowed.relevance).tolist()
+    res = windowed.rank("a query", ps)
+    assert res.mode == "inline" and res.stats.forward_passes == 3
+    assert res.order == sorted(range(10), key=lambda i: (-want[i], i))
+    assert res.scores == pytest.approx([want[i] for i in res.order], abs=1e-5)
+    small = windowed.rank("a query", ps[:4])
+    assert small.order == Reranker(backbone, max_passage_tokens=24).rank("a query", ps[:4], mode="inline").order
+    with pytest.raises(ValueError, match="inline_window"):
+        Reranker(backbone, inline_window=0)
+
+
 @pytest.mark.parametrize("mode", ["inline", "full"])
 def test_fuse_combines_the_mode_with_the_input_order(reranker, mode):
     """fuse=True: the mode's order fused with the input (first-stage) order by RRF; score modes fuse their whole

@@ -210,7 +210,8 @@ def test_inline_only_training_makes_inline_the_default_mode(gguf, tmp_path):
     cfg = TrainConfig(out=tmp_path / "inline", data_root=tmp_path, steps=1, batch_size=1, n_min=6, n_max=6,
                       dtype="float32", max_passage_tokens=16, lm_weight=0.0, first_weight=0.0)
     train_on(fresh_backbone(gguf, tmp_path), cfg, FixedLists(), progress=False, save=lambda m: None, inject=inject)
-    assert json.loads((cfg.out / "reranker.json").read_text())["mode"] == "inline"
+    saved = json.loads((cfg.out / "reranker.json").read_text())
+    assert (saved["mode"], saved["inline_window"]) == ("inline", 6)  # scored in groups of the trained list size
     assert "Default mode (`reranker.json`): `inline`" in (cfg.out / "README.md").read_text()
 
 
