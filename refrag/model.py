@@ -52,7 +52,8 @@ class Refrag:
         """Block indices (into layout.blocks) to feed as tokens. query: the chunk encoder's vector of the question;
         None: the last block (language modelling)."""
         blocks = layout.blocks
-        check_policy(policy)  # an unknown name is an error whatever p is (p = 0 or 1 reads no scores)
+        if p > 0:  # an unknown name is an error at p = 1 too, where no scores are read (p = 0: nothing is chosen)
+            check_policy(policy)
         if p <= 0 or not blocks:
             return select(torch.zeros(len(blocks)), p)  # validates p
         if p >= 1:
