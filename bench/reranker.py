@@ -60,7 +60,7 @@ def measure(rerankers: dict, query: str, texts: list[str], repeat: int, sync) ->
     for _ in range(repeat):
         for label, (reranker, mode, top_k) in rerankers.items():
             t0 = time.perf_counter()
-            res = reranker.rank(query, texts, mode=mode, top_k=top_k)
+            res = reranker.rank(query, texts, mode=mode, top_k=top_k, fuse=False)
             sync()
             times[label].append(time.perf_counter() - t0)
             stats[label], orders[label] = res.stats, res.order
@@ -120,7 +120,8 @@ def main() -> None:
     for _ in range(args.warmup):
         q = qids[0]
         for r, mode, top_k in rows_to_run.values():
-            r.rank(ds.queries[q], [ds.corpus[d] for d in ds.candidates[q][: min(sizes)]], mode=mode, top_k=top_k)
+            r.rank(ds.queries[q], [ds.corpus[d] for d in ds.candidates[q][: min(sizes)]], mode=mode, top_k=top_k,
+                   fuse=False)
 
     rows = []
     for n in sizes:

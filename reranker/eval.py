@@ -95,7 +95,10 @@ def evaluate(reranker: Reranker, datasets: list[str], *, data_root: Path, home: 
                         else:
                             # score modes score every passage anyway: fusion reads all of them, as rank(fuse=True)
                             whole = fusion and mode in ("first", "inline")
-                            res = reranker.rank(ds.queries[q], texts, mode=mode, top_k=None if whole else top_k)
+                            # fuse=False: each row is the mode alone, whatever the model's default (the +rrf row
+                            # fuses it here)
+                            res = reranker.rank(ds.queries[q], texts, mode=mode, top_k=None if whole else top_k,
+                                                fuse=False)
                             order, tokens = res.order, tokens + res.stats.tokens_processed
                             caps.append(res.stats.passage_cap)
                             parsed_all = [parse_permutation(a, size, expected=k)

@@ -84,9 +84,8 @@ class Reranker:
                  prefill_mode: str = "causal", mode: str = "full", fuse: bool = False,
                  inline_window: int | None = None):
         self.backbone, self.name = backbone, name
-        if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
-        self.mode, self.fuse = mode, fuse  # what rank() does when a call does not say (the model card's advice)
+        # what rank() does when a call does not say (the model card's advice)
+        self.mode, self.fuse = _check_mode(mode), fuse
         if inline_window is not None and inline_window < 1:
             raise ValueError("inline_window must be at least 1 (or None: one prompt)")
         # inline mode scores lists longer than this in consecutive prompts of this many passages (input order),
@@ -111,10 +110,8 @@ class Reranker:
         mode: full | first | inline | sliding (None: this reranker's default, `self.mode`).
         fuse: combine the mode's order with the input order by reciprocal rank fusion (fusion.py); the passages
         must then come in a first stage's order, best first. Scores are then RRF scores. None: `self.fuse`."""
-        mode = self.mode if mode is None else mode
+        mode = self.mode if mode is None else _check_mode(mode)
         fuse = self.fuse if fuse is None else fuse
-        if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
         if isinstance(passages, str):
             raise TypeError("passages is a list of strings")
         if top_k is not None and top_k < 1:
@@ -126,12 +123,11 @@ class Reranker:
         self.ids.digits_of(n, self.backbone.tokenizer)
         p_ids = self.prompts.passage_ids(list(passages))
         stats = RankStats()
+        scores: list[float] | None = None  # the score modes' (first, inline): every passage scored
         if mode == "sliding":
             result = self._sliding(query, p_ids, top_k, stats)
         elif mode == "inline" and self.inline_window and n > self.inline_window:
             scores = self._inline_windows(query, p_ids, stats)
-            ranked = sorted(range(n), key=lambda i: (-scores[i], i))[: n if fuse else top_k or n]
-            result = RankResult(ranked, [scores[i] for i in ranked], mode, stats)
         else:
             reserve = (self.ids.output_length(n, top_k) if mode == "full" else 0 if mode == "inline"
                        else len(self.ids.first_open) + _trie_size(self.ids, n))
@@ -143,14 +139,15 @@ class Reranker:
                                     [(n, len(order))])
             else:
                 if mode == "inline":
-                    scores = inline_scores(self.backbone.model, prompt.ids, prompt.ends, self.relevance)
+                    scores = inline_scores(self.backbone.model, prompt.ids, prompt.ends, self.relevance).tolist()
                     stats.prompt_tokens += len(prompt.ids)
                 else:
-                    scores = first_scores(self.backbone.model, prompt.ids, self.ids, n)
+                    scores = first_scores(self.backbone.model, prompt.ids, self.ids, n).tolist()
                     stats.prompt_tokens += len(prompt.ids) + len(self.ids.first_open) + _trie_size(self.ids, n)
                 stats.forward_passes += 1
-                ranked = sorted(range(n), key=lambda i: (-float(scores[i]), i))[: n if fuse else top_k or n]
-                result = RankResult(ranked, [float(scores[i]) for i in ranked], mode, stats)
+        if scores is not None:  # fusion reads the whole order, so top_k cuts after it
+            ranked = sorted(range(n), key=lambda i: (-scores[i], i))[: n if fuse else top_k or n]
+            result = RankResult(ranked, [scores[i] for i in ranked], mode, stats)
         if fuse:
             order, fused = fuse_with_input_order(result.order, n)
             result.order, result.scores, result.fused = order[: top_k or n], fused[: top_k or n], True
@@ -229,6 +226,12 @@ class Reranker:
         stats.truncated = sum(len(p) > stats.passage_cap for p in p_ids)
         order = order[: top_k or n]
         return RankResult(order, [float(n - r) for r in range(len(order))], "sliding", stats, answers, shapes)
+
+
+def _check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    return mode
 
 
 def window_ids_needed(start: int, end: int, stride: int, k: int) -> int:

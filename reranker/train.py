@@ -310,11 +310,11 @@ def train_on(backbone, cfg: TrainConfig, lists, *, progress: bool, save, inject)
 
     model.eval()
     save(model)
+    mode = default_mode(cfg)
     RerankerConfig(backbone=cfg.backbone, template=cfg.template, max_passage_tokens=cfg.max_passage_tokens,
-                   lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                   mode=default_mode(cfg),
+                   lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, mode=mode,
                    # inline scores were learned on lists of up to n_max passages: score longer ones in such groups
-                   inline_window=cfg.n_max if default_mode(cfg) == "inline" else None).save(cfg.out)
+                   inline_window=cfg.n_max if mode == "inline" else None).save(cfg.out)
     summary = {"steps": len(history), "seconds_this_run": round(time.perf_counter() - t0, 1),
                "final_lm_avg10": _mean_last([h["lm"] for h in history], 10),
                "final_first_avg10": _mean_last([h["first"] for h in history], 10),

@@ -67,7 +67,8 @@ def test_fusion_rows_fuse_the_mode_with_the_first_stage(reranker, data_root, tmp
     from sieve.reranker.listwise import RankResult
 
     def scripted(reverse):
-        def rank(query, passages, *, mode="full", top_k=None):
+        def rank(query, passages, *, mode="full", top_k=None, fuse=None):
+            assert fuse is False  # each mode row is the mode alone, whatever the model's default
             order = list(range(len(passages)))[::-1] if reverse else list(range(len(passages)))
             return RankResult(order, [float(len(order) - r) for r in range(len(order))], mode)
         return rank
