@@ -163,6 +163,9 @@ def train_reranker(
     max_minutes: Annotated[float | None, typer.Option(min=0.0, help="stop and save after this much training")] = None,
     template: Annotated[str, typer.Option(help="prompt template: rankgpt, or rankgpt-echo (each passage's label "
                                                "repeated after it)")] = "rankgpt",
+    distractors: Annotated[int, typer.Option(
+        min=0, help="places per list given to other queries' judged positives, labelled last (against a passage "
+                    "prior)")] = 0,
     source: Annotated[list[str] | None, typer.Option(
         help="training lists from NAME or NAME=WEIGHT: scifact (train claims), nq (NQ-open oracle train), medquad "
              "(repeatable or comma-separated; default scifact)")] = None,
@@ -194,7 +197,7 @@ def train_reranker(
                       lm_weight=lm_weight, first_weight=first_weight, inline_weight=inline_weight, lr=lr,
                       lora_r=lora_r, lora_alpha=lora_alpha,
                       dtype=dtype, seed=seed, shuffle=shuffle, teacher_scores=teacher_scores,
-                      max_minutes=max_minutes, sources=sources,
+                      max_minutes=max_minutes, sources=sources, distractors=distractors,
                       template=template)
     summary = train(cfg, home=settings.home / "cache", device=settings.device)
     console.print_json(json.dumps({k: v for k, v in summary.items() if k != "config"}))

@@ -11,6 +11,11 @@ Sources (never a split that is reported):
 - `nq`: NQ-open oracle *train* questions over the pool of their gold Wikipedia passages (`PairLists`);
 - `medquad`: MedQuAD questions over the pool of its answers (`PairLists`).
 `MixedLists` draws lists from several sources with given weights.
+
+**Foreign positives** (`distractors`): a list may also hold passages judged relevant to *other* queries of the
+same source, labelled below every candidate of its own query. A model that learned which passages look like
+answers, whatever the question (a passage prior), ranks them high and is corrected; only reading the query
+against the passage ranks them low. Their place in the list is random (the list is usually shuffled anyway).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ class RankingExample:
     passages: list[str]  # in first-stage order, as the reranker will see them
     order: list[int]  # the label: indices into `passages`, most relevant first (a complete permutation)
     positives: int  # how many of the first entries of `order` are judged positives
+    foreign: tuple[int, ...] = ()  # indices into `passages` of other queries' positives (labelled last)
 
 
 @functools.cache
@@ -76,7 +82,11 @@ class CandidateLists:
     def __len__(self) -> int:
         return len(self.qids)
 
-    def example(self, qid: str, n: int, rng: random.Random | None = None) -> RankingExample:
+    def example(self, qid: str, n: int, rng: random.Random | None = None, distractors: int = 0) -> RankingExample:
+        """A list of `n` for `qid`; `distractors` of its places go to other queries' positives (module doc)."""
+        rng = rng or random.Random(qid)
+        foreign = self.foreign_positives(qid, min(distractors, n - 1), rng) if distractors else []
+        n -= len(foreign)
         ranked = [d for d, _ in self.bm25[qid]][:n]
         pos = self.positives[qid]
         missing = [d for d in pos if d not in ranked][:n]
@@ -84,14 +94,36 @@ class CandidateLists:
             drop = {d for d in reversed(ranked) if d not in pos}
             drop = set([d for d in reversed(ranked) if d in drop][: len(missing)])
             ranked = [d for d in ranked if d not in drop]
-            rng = rng or random.Random(qid)
             for d in missing:
                 ranked.insert(rng.randrange(len(ranked) + 1), d)
             ranked = ranked[:n]
         teacher = self._teacher_scores(qid, ranked)
         label = sorted(range(len(ranked)), key=lambda i: (ranked[i] not in pos, -teacher[i], i))
+        places = []
+        for d in foreign:  # each at a random place; the label keeps naming the same passages
+            at = rng.randrange(len(ranked) + 1)
+            label = [i + (i >= at) for i in label]
+            places = [j + (j >= at) for j in places]
+            ranked.insert(at, d)
+            label.append(at)
+            places.append(at)
         return RankingExample(self.queries[qid], [self.corpus[d] for d in ranked], label,
-                              sum(d in pos for d in ranked))
+                              sum(d in pos for d in ranked), tuple(places))
+
+    def foreign_positives(self, qid: str, k: int, rng: random.Random) -> list[str]:
+        """`k` distinct documents judged relevant to other queries, none relevant to `qid` nor among its
+        BM25 candidates (so the label 'below every own candidate' is safe)."""
+        if k <= 0:
+            return []
+        own = set(self.positives[qid]) | {d for d, _ in self.bm25[qid]}
+        picked: list[str] = []
+        for _ in range(50 * k):
+            d = rng.choice(self.positives[rng.choice(self.qids)])
+            if d not in own and d not in picked:
+                picked.append(d)
+                if len(picked) == k:
+                    break
+        return picked
 
     def candidates(self, qid: str) -> list[str]:
         """Every document an example of `qid` can hold: the BM25 top-depth and the judged positives."""
@@ -205,9 +237,9 @@ class MixedLists:
         name = rng.choices(list(self.weights), weights=list(self.weights.values()))[0]
         return f"{name}/{self.sources[name].pick(rng)}"
 
-    def example(self, qid: str, n: int, rng: random.Random | None = None) -> RankingExample:
+    def example(self, qid: str, n: int, rng: random.Random | None = None, distractors: int = 0) -> RankingExample:
         name, _, q = qid.partition("/")
-        return self.sources[name].example(q, n, rng)
+        return self.sources[name].example(q, n, rng, distractors)
 
     def save_teacher_scores(self, path: Path, progress=None) -> None:
         """Every source's teacher scores in one file (keys `source/qid`)."""

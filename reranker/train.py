@@ -76,6 +76,7 @@ class TrainConfig:
     teacher_scores: Path | None = None  # JSON of precomputed teacher scores: read if it exists, else written first
     max_minutes: float | None = None  # stop (and save) after the step that passes this much training time
     sources: dict[str, float] = dataclasses.field(default_factory=lambda: {"scifact": 1.0})  # data.py's sources
+    distractors: int = 0  # places per list given to other queries' positives, labelled last (data.py)
 
 
 def shuffled(ex: RankingExample, rng: random.Random) -> RankingExample:
@@ -83,7 +84,8 @@ def shuffled(ex: RankingExample, rng: random.Random) -> RankingExample:
     perm = list(range(len(ex.passages)))
     rng.shuffle(perm)  # new place j holds old passage perm[j]
     place = {old: new for new, old in enumerate(perm)}
-    return RankingExample(ex.query, [ex.passages[i] for i in perm], [place[i] for i in ex.order], ex.positives)
+    return RankingExample(ex.query, [ex.passages[i] for i in perm], [place[i] for i in ex.order], ex.positives,
+                          tuple(place[i] for i in ex.foreign))
 
 
 def importance_weight(rank: int) -> float:
@@ -101,6 +103,7 @@ class Encoded:
     root_at: int  # position whose logits score the first digit
     positives: int = 0  # the first `positives` entries of `label` are judged positives
     ends: list[int] = dataclasses.field(default_factory=list)  # each passage's last prompt token (inline scores)
+    foreign: tuple[int, ...] = ()  # passages that are other queries' positives (data.py)
 
 
 def encode_example(ex: RankingExample, builder: PromptBuilder, ids: IdTokens) -> Encoded:
@@ -121,7 +124,8 @@ def encode_example(ex: RankingExample, builder: PromptBuilder, ids: IdTokens) ->
         constraint.advance(tok)
     seq = torch.tensor([prompt.ids + answer + layout.tokens], dtype=torch.long)
     positions = layout.positions(torch.arange(layout.causal_len))
-    return Encoded(seq, positions, layout, targets, list(ex.order), visible - 1, ex.positives, prompt.ends)
+    return Encoded(seq, positions, layout, targets, list(ex.order), visible - 1, ex.positives, prompt.ends,
+                   tuple(ex.foreign))
 
 
 def positive_rank(scores: torch.Tensor, enc: Encoded) -> float | None:
@@ -134,6 +138,17 @@ def positive_rank(scores: torch.Tensor, enc: Encoded) -> float | None:
     rank = torch.empty(n, dtype=torch.long)
     rank[scores.detach().float().cpu().argsort(descending=True)] = torch.arange(n)
     return rank[torch.tensor(enc.label[:k])].float().mean().item() / (n - 1)
+
+
+def foreign_rank(scores: torch.Tensor, enc: Encoded) -> float | None:
+    """Where the scores put other queries' positives: mean rank over n - 1 (1 = bottom, where the label puts them;
+    near the judged positives' own rank = the model scores passages without reading the query). None if none."""
+    n = len(enc.label)
+    if not enc.foreign or n < 2:
+        return None
+    rank = torch.empty(n, dtype=torch.long)
+    rank[scores.detach().float().cpu().argsort(descending=True)] = torch.arange(n)
+    return rank[torch.tensor(enc.foreign)].float().mean().item() / (n - 1)
 
 
 def target_tensors(targets: list[tuple[int, list[int], int, float]]) -> tuple[torch.Tensor, ...]:
@@ -263,19 +278,20 @@ def train_on(backbone, cfg: TrainConfig, lists, *, progress: bool, save, inject)
 
     columns = [TextColumn("training sieve-rank"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                TextColumn("lm {task.fields[lm]:.3f} first {task.fields[first]:.3f} "
-                          "positives' rank: first {task.fields[pos]:.2f} inline {task.fields[inline_pos]:.2f}")]
+                          "positives' rank: first {task.fields[pos]:.2f} inline {task.fields[inline_pos]:.2f} "
+                          "foreign {task.fields[foreign]:.2f}")]
     with Progress(*columns, disable=not progress) as bar:
         task = bar.add_task("train", total=cfg.steps, completed=start, lm=float("nan"), first=float("nan"),
-                            pos=float("nan"), inline_pos=float("nan"))
+                            pos=float("nan"), inline_pos=float("nan"), foreign=float("nan"))
         model.train()
         for step in range(start, cfg.steps):
             opt.zero_grad(set_to_none=True)
             lm_sum = first_sum = inline_sum = 0.0
-            sizes, ranks, inline_ranks = [], [], []
+            sizes, ranks, inline_ranks, foreign_ranks = [], [], [], []
             for _ in range(cfg.batch_size):
                 qid = lists.pick(rng)
                 n = rng.randint(cfg.n_min, cfg.n_max)
-                ex = lists.example(qid, n, rng)
+                ex = lists.example(qid, n, rng, cfg.distractors) if cfg.distractors else lists.example(qid, n, rng)
                 if cfg.shuffle and rng.random() < cfg.shuffle:
                     ex = shuffled(ex, rng)
                 enc = encode_example(ex, builder, ids)
@@ -284,6 +300,7 @@ def train_on(backbone, cfg: TrainConfig, lists, *, progress: bool, save, inject)
                     out = losses(model, enc, ids, dev, relevance)
                 ranks.append(positive_rank(out.first_scores, enc))
                 inline_ranks.append(positive_rank(out.inline_scores, enc) if relevance else None)
+                foreign_ranks.append(foreign_rank(out.inline_scores if relevance else out.first_scores, enc))
                 loss = (cfg.lm_weight * out.lm + cfg.first_weight * out.first
                         + cfg.inline_weight * out.inline) / cfg.batch_size
                 loss.backward()
@@ -296,8 +313,10 @@ def train_on(backbone, cfg: TrainConfig, lists, *, progress: bool, save, inject)
             pos_rank, inline_pos = _mean_last(ranks, len(ranks)), _mean_last(inline_ranks, len(inline_ranks))
             history.append({"step": step + 1, "lm": round(lm_avg, 5), "first": round(first_avg, 5),
                             "inline": round(inline_sum / cfg.batch_size, 5), "pos_rank": pos_rank,
-                            "inline_pos_rank": inline_pos, "passages": sizes})
-            bar.update(task, advance=1, lm=lm_avg, first=first_avg, pos=_nan(pos_rank), inline_pos=_nan(inline_pos))
+                            "inline_pos_rank": inline_pos,
+                            "foreign_rank": _mean_last(foreign_ranks, len(foreign_ranks)), "passages": sizes})
+            bar.update(task, advance=1, lm=lm_avg, first=first_avg, pos=_nan(pos_rank), inline_pos=_nan(inline_pos),
+                       foreign=_nan(history[-1]["foreign_rank"]))
             out_of_time = cfg.max_minutes is not None and time.perf_counter() - t0 > cfg.max_minutes * 60
             if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps or out_of_time:
                 torch.save({"step": step + 1, "lora": {n: p.detach().clone() for n, p in model.named_parameters()
@@ -321,6 +340,7 @@ def train_on(backbone, cfg: TrainConfig, lists, *, progress: bool, save, inject)
                "final_positive_rank_avg10": _mean_last([h.get("pos_rank") for h in history], 10),
                "final_inline_avg10": _mean_last([h.get("inline") for h in history], 10),
                "final_inline_positive_rank_avg10": _mean_last([h.get("inline_pos_rank") for h in history], 10),
+               "final_foreign_rank_avg10": _mean_last([h.get("foreign_rank") for h in history], 10),
                "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()},
                "device": str(backbone.device)}
     (cfg.out / "train_log.json").write_text(json.dumps({"summary": summary, "history": history}, indent=1))
@@ -367,7 +387,8 @@ and the sliding-window baseline, all from `sieve.reranker`. Default mode (`reran
   candidates are the BM25 (bm25s) top-{c["depth"]} of each source's corpus; labels are complete rankings:
   judged positives first, then the rest ordered by the teacher `{cfg.teacher}`. No test or evaluated split was used.
 - Lists of {cfg.n_min}-{cfg.n_max} passages, each cut to {cfg.max_passage_tokens} tokens, template `{cfg.template}`;
-  {cfg.shuffle:.0%} of lists shown in a random order (not first-stage order), so the model cannot learn to copy it.
+  {cfg.shuffle:.0%} of lists shown in a random order (not first-stage order), so the model cannot learn to copy it;
+  {cfg.distractors} place(s) per list held by other queries' judged positives, labelled last.
 - Loss: {cfg.lm_weight} x importance-aware cross-entropy on id tokens (DCG-discounted by rank, normalized over
   the constrained choices) + {cfg.first_weight} x weighted RankNet on first-position id scores (FIRST)
   + {cfg.inline_weight} x the same RankNet on inline scores (" yes" - " no" at each passage's last token).

@@ -273,3 +273,42 @@ def test_positive_rank_reads_where_the_first_scores_put_the_positives():
     assert positive_rank(torch.tensor([5.0, 1.0, 2.0, 9.0, 0.0]), enc) == 0.125  # ranks 0 and 1 of 5 -> 0.5 / 4
     assert positive_rank(torch.tensor([-5.0, 1.0, 2.0, -9.0, 0.0]), enc) == 0.875  # the last two places
     assert positive_rank(torch.zeros(5), Encoded(None, None, None, [], [0, 1, 2, 3, 4], 0, 0)) is None
+
+
+def test_distractors_are_other_queries_positives_labelled_last_and_follow_a_shuffle():
+    lists = PairLists(qa_pairs("aspirin", 15) + qa_pairs("gene", 15), depth=6, teacher="bm25")
+    q = next(q for q in lists.qids if lists.queries[q] == "what about aspirin 3")
+    plain = lists.example(q, 8, random.Random(0))
+    ex = lists.example(q, 8, random.Random(0), distractors=2)
+    assert len(ex.passages) == 8 and sorted(ex.order) == list(range(8)) and plain.foreign == ()
+    assert len(ex.foreign) == 2 and set(ex.order[-2:]) == set(ex.foreign)  # labelled below every own candidate
+    own = {lists.corpus[d] for d in lists.candidates(q)}
+    foreign = [ex.passages[i] for i in ex.foreign]
+    assert len(set(foreign)) == 2 and not own & set(foreign) and all(p in lists.corpus.values() for p in foreign)
+    assert ex.positives == 1 and ex.passages[ex.order[0]] == "aspirin 3 answer " + "words " * 3
+    kept = [ex.passages[i] for i in ex.order[:-2]]  # the own candidates keep their label order
+    assert kept == [plain.passages[i] for i in plain.order][:6]
+    mixed = shuffled(ex, random.Random(3))
+    assert [mixed.passages[i] for i in mixed.foreign] == foreign
+    assert [mixed.passages[i] for i in mixed.order] == [ex.passages[i] for i in ex.order]
+    assert len(lists.example(q, 3, random.Random(0), distractors=5).foreign) == 2  # one own place always stays
+
+
+def test_foreign_rank_reads_where_the_scores_put_other_queries_positives():
+    from sieve.reranker.train import Encoded, foreign_rank
+
+    enc = Encoded(None, None, None, [], [1, 0, 2, 3, 4], 0, 1, [], (3, 4))
+    assert foreign_rank(torch.tensor([0.0, 1.0, 2.0, -1.0, -2.0]), enc) == 0.875  # the bottom two places
+    assert foreign_rank(torch.tensor([0.0, 1.0, 2.0, 9.0, 8.0]), enc) == 0.125  # a passage prior: the top two
+    assert foreign_rank(torch.zeros(5), Encoded(None, None, None, [], [0, 1, 2, 3, 4], 0, 1)) is None
+
+
+def test_training_with_distractors_logs_where_they_rank(gguf, tmp_path):
+    lists = PairLists(qa_pairs("aspirin", 12) + qa_pairs("gene", 12), depth=5, teacher="bm25")
+    cfg = TrainConfig(out=tmp_path / "out", data_root=tmp_path, steps=2, batch_size=2, n_min=6, n_max=6,
+                      dtype="float32", max_passage_tokens=16, inline_weight=1.0, distractors=2)
+    summary = train_on(fresh_backbone(gguf, tmp_path), cfg, lists, progress=False, save=lambda m: None,
+                       inject=inject)
+    history = json.loads((cfg.out / "train_log.json").read_text())["history"]
+    assert all(0.0 <= h["foreign_rank"] <= 1.0 for h in history) and summary["final_foreign_rank_avg10"] is not None
+    assert "2 place(s) per list held by other queries' judged positives" in (cfg.out / "README.md").read_text()
