@@ -214,6 +214,9 @@ def eval_reranker(
     model: Annotated[str, typer.Option(help="sieve-rank or a reranker folder")] = "sieve-rank",
     fusion: Annotated[bool, typer.Option(help="also report each mode fused with the first stage (RRF, k=60)")] = (
         False),
+    prior_check: Annotated[bool, typer.Option(
+        help="score modes also report prior_correlation: their scores' Spearman correlation with the same "
+             "candidates scored under another query (near 1: a passage prior)")] = False,
     depth: Annotated[int, typer.Option(min=1, help="first-stage candidates reranked per query")] = 100,
     queries: Annotated[int | None, typer.Option(min=1, help="only the first N judged queries (sorted ids)")] = None,
     unconstrained: Annotated[bool, typer.Option(help="also decode full rankings without the constraint")] = False,
@@ -237,7 +240,8 @@ def eval_reranker(
     for row in evaluate(reranker, datasets, data_root=data or settings.data_path(),
                         home=settings.home / "cache", device=settings.device, dtype=dtype or settings.dtype,
                         first_stages=stages, modes=modes, depth=depth, queries=queries,
-                        unconstrained=unconstrained, top_k=top_k, fusion=fusion, console=err):
+                        unconstrained=unconstrained, top_k=top_k, fusion=fusion, prior_check=prior_check,
+                        console=err):
         rows.append(row)
         out = write_eval(name, rows)  # after every row: a long run never loses what it measured
     table = Table(title="reranking quality")

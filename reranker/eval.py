@@ -12,6 +12,10 @@ same model calls (its seconds are the mode's).
 `top_k`: full and sliding decode only what the top k needs (listwise.py) and the rest of the candidates keep their
 first-stage order below them; with k = 10 the nDCG@10 is that of complete rankings (greedy decoding: the same top
 10, tested), at a fraction of the decoding. A partial answer is "missing" when it lists fewer ids than asked.
+
+`prior_check` adds `prior_correlation` to the score modes' rows (first, inline): the mean Spearman correlation
+between a candidate list's scores under its own query and under another test query (the next one). Near 1 the
+model scores the passages whatever is asked (a passage prior); a reranker that reads the query stays well below.
 """
 
 from __future__ import annotations
@@ -54,7 +58,8 @@ def unconstrained_full(reranker: Reranker, query: str, passages: list[str]):
 def evaluate(reranker: Reranker, datasets: list[str], *, data_root: Path, home: Path, device: str, dtype: str,
              first_stages: tuple[str, ...] = ("bm25",), modes: tuple[str, ...] = MODES, depth: int = 100,
              queries: int | None = None, unconstrained: bool = False, split: str = "test",
-             top_k: int | None = None, fusion: bool = False, console=None) -> Iterator[dict]:
+             top_k: int | None = None, fusion: bool = False, prior_check: bool = False,
+             console=None) -> Iterator[dict]:
     """One row per (dataset, first stage, system), yielded as soon as it is measured."""
     from rich.progress import Progress
     from sieve.embedder.data import RetrievalSet, load_retrieval_set
@@ -78,12 +83,12 @@ def evaluate(reranker: Reranker, datasets: list[str], *, data_root: Path, home: 
             candidates = {q: docs[:depth] for q, docs in ranked.items()}
             systems = list(modes) + (["unconstrained"] if unconstrained else [])
             for mode in systems:
-                run, fused, seconds, tokens, caps = {}, {}, 0.0, 0, []
+                run, fused, seconds, tokens, caps, priors = {}, {}, 0.0, 0, [], []
                 faults = {"wrong_format": 0, "repeated": 0, "missing": 0}
                 answers = 0
                 with Progress(console=console, transient=True, disable=console is None) as bar:
                     task = bar.add_task(f"{name} {stage} {mode}", total=len(qids))
-                    for q in qids:
+                    for qi, q in enumerate(qids):
                         docs = candidates[q]
                         texts = [ds.corpus[d] for d in docs]
                         t = time.perf_counter()
@@ -104,6 +109,11 @@ def evaluate(reranker: Reranker, datasets: list[str], *, data_root: Path, home: 
                             parsed_all = [parse_permutation(a, size, expected=k)
                                           for a, (size, k) in zip(res.answers, res.answer_shapes)]
                         seconds += time.perf_counter() - t
+                        if prior_check and mode in ("first", "inline") and len(docs) > 2 and len(qids) > 1:
+                            other = ds.queries[qids[(qi + 1) % len(qids)]]
+                            again = reranker.rank(other, texts, mode=mode, fuse=False)
+                            priors.append(spearman(by_passage(res.order, res.scores, len(docs)),
+                                                   by_passage(again.order, again.scores, len(docs))))
                         for p in parsed_all:
                             answers += 1
                             faults["wrong_format"] += p.wrong_format
@@ -125,6 +135,8 @@ def evaluate(reranker: Reranker, datasets: list[str], *, data_root: Path, home: 
                        "tokens_per_query": round(tokens / max(len(qids), 1), 1)}
                 if caps:
                     row["passage_cap"] = min(caps)
+                if priors:
+                    row["prior_correlation"] = round(sum(priors) / len(priors), 4)
                 if answers:
                     row.update({f"{k}_rate": round(v / answers, 4) for k, v in
                                 (("wrong_format", faults["wrong_format"]), ("repetition", faults["repeated"]),
@@ -138,6 +150,23 @@ def evaluate(reranker: Reranker, datasets: list[str], *, data_root: Path, home: 
                     if console is not None:
                         console.print(row)
                     yield row
+
+
+def by_passage(order: list[int], scores: list[float], n: int) -> list[float]:
+    """A result's scores (aligned with its order) -> one score per passage index."""
+    out = [0.0] * n
+    for i, v in zip(order, scores):
+        out[i] = v
+    return out
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    """Spearman rank correlation of two score lists (average ranks for ties); 0 when either is constant."""
+    from scipy.stats import spearmanr
+
+    if len(set(a)) < 2 or len(set(b)) < 2:
+        return 0.0
+    return float(spearmanr(a, b).statistic)
 
 
 def _as_run(docs: list[str]) -> dict[str, float]:

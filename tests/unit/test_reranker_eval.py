@@ -82,3 +82,36 @@ def test_fusion_rows_fuse_the_mode_with_the_first_stage(reranker, data_root, tmp
     monkeypatch.setattr(reranker, "rank", scripted(True))
     rev = run(reranker, data_root, tmp_path, modes=("first",), fusion=True)
     assert rev[1]["ndcg@10"] != same[1]["ndcg@10"] and rev[2]["ndcg@10"] != rev[1]["ndcg@10"]
+
+
+def test_prior_check_tells_a_passage_prior_from_a_query_reader(reranker, data_root, tmp_path, monkeypatch):
+    """A scorer that ignores the query correlates 1.0 with itself under another query; one whose scores flip with
+    the query does not. Rows of decoded modes carry no prior_correlation."""
+    from sieve.reranker.listwise import RankResult
+
+    def scripted(reads_query):
+        def rank(query, passages, *, mode="full", top_k=None, fuse=None):
+            up = not reads_query or "aspirin" in query  # q1 scores one way, q2 and q3 the other
+            scores = {i: float(i if up else -i) for i in range(len(passages))}
+            order = sorted(scores, key=lambda i: -scores[i])
+            return RankResult(order, [scores[i] for i in order], mode)
+        return rank
+
+    monkeypatch.setattr(reranker, "rank", scripted(False))
+    prior = run(reranker, data_root, tmp_path, modes=("inline",), prior_check=True)
+    assert prior[1]["prior_correlation"] == 1.0
+    monkeypatch.setattr(reranker, "rank", scripted(True))
+    reads = run(reranker, data_root, tmp_path, modes=("first",), prior_check=True)
+    assert reads[1]["prior_correlation"] == round(-1 / 3, 4)  # q1~q2: -1, q2~q3: +1, q3~q1: -1
+    monkeypatch.undo()
+    decoded = run(reranker, data_root, tmp_path, modes=("full",), prior_check=True)
+    assert "prior_correlation" not in decoded[1]
+
+
+def test_spearman_and_by_passage():
+    from sieve.reranker.eval import by_passage, spearman
+
+    assert by_passage([2, 0, 1], [3.0, 2.0, 1.0], 3) == [2.0, 1.0, 3.0]
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 1, 1], [1, 2, 3]) == 0.0
