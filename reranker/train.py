@@ -135,20 +135,23 @@ def positive_rank(scores: torch.Tensor, enc: Encoded) -> float | None:
     n, k = len(enc.label), enc.positives
     if k == 0 or n < 2:
         return None
-    rank = torch.empty(n, dtype=torch.long)
-    rank[scores.detach().float().cpu().argsort(descending=True)] = torch.arange(n)
-    return rank[torch.tensor(enc.label[:k])].float().mean().item() / (n - 1)
+    return _mean_rank(scores, enc.label[:k])
 
 
 def foreign_rank(scores: torch.Tensor, enc: Encoded) -> float | None:
     """Where the scores put other queries' positives: mean rank over n - 1 (1 = bottom, where the label puts them;
     near the judged positives' own rank = the model scores passages without reading the query). None if none."""
-    n = len(enc.label)
-    if not enc.foreign or n < 2:
+    if not enc.foreign or len(enc.label) < 2:
         return None
+    return _mean_rank(scores, list(enc.foreign))
+
+
+def _mean_rank(scores: torch.Tensor, passages: list[int]) -> float:
+    """Mean rank of `passages` under `scores` (best first), over n - 1."""
+    n = scores.shape[0]
     rank = torch.empty(n, dtype=torch.long)
     rank[scores.detach().float().cpu().argsort(descending=True)] = torch.arange(n)
-    return rank[torch.tensor(enc.foreign)].float().mean().item() / (n - 1)
+    return rank[torch.tensor(passages)].float().mean().item() / (n - 1)
 
 
 def target_tensors(targets: list[tuple[int, list[int], int, float]]) -> tuple[torch.Tensor, ...]:
