@@ -83,24 +83,31 @@ def test_training_resumes_mid_stage_and_skips_finished_stages(tmp_path, sieve_ho
     assert RefragConfig.load(resolve_refrag(str(cfg.out))).projector_hidden == 64
 
 
-def test_shipped_k8_model_uses_its_own_block_size(smollm2, sieve_home):
-    """refrag-k8: its own projector and LoRA, blocks of 8 by default; expanding every block is its token path."""
+@pytest.mark.parametrize("name,k,policy", [("refrag-k8", 8, False), ("refrag-k32", 32, True)])
+def test_shipped_models_use_their_own_block_size(smollm2, sieve_home, name, k, policy):
+    """refrag-k8 / -k32: their own projector and LoRA, blocks of k by default; expanding every block is the token
+    path; the learned policy only where the folder ships one."""
     import math
 
     from sieve.refrag.model_dir import shipped
 
-    assert {"refrag-k8", "refrag-k16"} <= set(shipped())
-    r8 = load_refrag("refrag-k8", home=sieve_home, backbone=smollm2)
-    assert r8.k == 8 and r8.scorer is None
+    assert {name, "refrag-k16"} <= set(shipped())
+    r = load_refrag(name, home=sieve_home, backbone=smollm2)
+    assert r.k == k and (r.scorer is not None) == policy
     q = "when is the next deadpool movie being released"
-    comp = Answerer(r8).stream(q, PASSAGES, max_new_tokens=4)
+    comp = Answerer(r).stream(q, PASSAGES, max_new_tokens=4)
     "".join(comp)
-    encoded = r8.encode(PASSAGES)
-    assert comp.stats.blocks == sum(math.ceil(len(p.token_ids) / 8) for p in encoded)
-    full = Answerer(r8).stream(q, PASSAGES, expansion=1.0, max_new_tokens=8)
+    encoded = r.encode(PASSAGES)
+    assert comp.stats.blocks == sum(math.ceil(len(p.token_ids) / k) for p in encoded)
+    full = Answerer(r).stream(q, PASSAGES, expansion=1.0, max_new_tokens=8)
     "".join(full)
-    want = generate(r8.model, [r8.qa_layout(q, encoded).full_ids()], max_new_tokens=8,
-                    stop_tokens=r8.tokenizer.eos_ids)[0]
+    want = generate(r.model, [r.qa_layout(q, encoded).full_ids()], max_new_tokens=8,
+                    stop_tokens=r.tokenizer.eos_ids)[0]
     assert full.token_ids == want
-    with pytest.raises(ValueError, match="learned"):
-        Answerer(r8).stream(q, PASSAGES, expansion=0.5, policy="learned")
+    if policy:
+        learned = Answerer(r).stream(q, PASSAGES, expansion=0.5, policy="learned", max_new_tokens=2)
+        "".join(learned)  # half the blocks chosen by the learned policy enter as tokens
+        assert learned.stats.prompt_positions > comp.stats.prompt_positions
+    else:
+        with pytest.raises(ValueError, match="learned"):
+            Answerer(r).stream(q, PASSAGES, expansion=0.5, policy="learned")
