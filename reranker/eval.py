@@ -98,8 +98,9 @@ def evaluate(reranker: Reranker, datasets: list[str], *, data_root: Path, home: 
                             tokens += used
                             parsed_all = [parsed] if parsed else []
                         else:
-                            # score modes score every passage anyway: fusion reads all of them, as rank(fuse=True)
-                            whole = fusion and mode in ("first", "inline")
+                            # score modes score every passage anyway: fusion and the prior check read all of them,
+                            # as rank(fuse=True)
+                            whole = (fusion or prior_check) and mode in ("first", "inline")
                             # fuse=False: each row is the mode alone, whatever the model's default (the +rrf row
                             # fuses it here)
                             res = reranker.rank(ds.queries[q], texts, mode=mode, top_k=None if whole else top_k,

@@ -93,13 +93,16 @@ def test_prior_check_tells_a_passage_prior_from_a_query_reader(reranker, data_ro
         def rank(query, passages, *, mode="full", top_k=None, fuse=None):
             up = not reads_query or "aspirin" in query  # q1 scores one way, q2 and q3 the other
             scores = {i: float(i if up else -i) for i in range(len(passages))}
-            order = sorted(scores, key=lambda i: -scores[i])
+            order = sorted(scores, key=lambda i: -scores[i])[: top_k or len(passages)]
             return RankResult(order, [scores[i] for i in order], mode)
         return rank
 
     monkeypatch.setattr(reranker, "rank", scripted(False))
     prior = run(reranker, data_root, tmp_path, modes=("inline",), prior_check=True)
     assert prior[1]["prior_correlation"] == 1.0
+    # with top_k the check still correlates every passage's score, not the top k's against zeros
+    assert run(reranker, data_root, tmp_path, modes=("inline",), prior_check=True, top_k=3)[1][
+        "prior_correlation"] == 1.0
     monkeypatch.setattr(reranker, "rank", scripted(True))
     reads = run(reranker, data_root, tmp_path, modes=("first",), prior_check=True)
     assert reads[1]["prior_correlation"] == round(-1 / 3, 4)  # q1~q2: -1, q2~q3: +1, q3~q1: -1
