@@ -294,7 +294,7 @@ def train_on(backbone, cfg: TrainConfig, lists, *, progress: bool, save, inject)
             for _ in range(cfg.batch_size):
                 qid = lists.pick(rng)
                 n = rng.randint(cfg.n_min, cfg.n_max)
-                ex = lists.example(qid, n, rng, cfg.distractors) if cfg.distractors else lists.example(qid, n, rng)
+                ex = lists.example(qid, n, rng, cfg.distractors)
                 if cfg.shuffle and rng.random() < cfg.shuffle:
                     ex = shuffled(ex, rng)
                 enc = encode_example(ex, builder, ids)

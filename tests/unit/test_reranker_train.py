@@ -52,7 +52,7 @@ class FixedLists:
     def pick(self, rng):
         return rng.choice(self.qids)
 
-    def example(self, qid, n, rng):
+    def example(self, qid, n, rng, distractors=0):
         return RankingExample("hello world", [f"passage {i} about cells" for i in range(n)], list(range(n))[::-1], 1)
 
 
