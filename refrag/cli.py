@@ -22,7 +22,7 @@ import typer
 from sieve.cli_common import cli_settings as _settings
 from sieve.cli_common import console, err
 from sieve.cli_common import fail as _fail
-from sieve.remote import ApiKeyOption, RemoteOption, connect, local_only, remote_errors, remote_only
+from sieve.remote import ApiKeyOption, RemoteOption, connect, remote_errors, remote_only
 
 # the consoles, settings + logging setup and the one way to fail that every `sieve` command shares
 
@@ -50,7 +50,8 @@ def answer(
     passages: Annotated[list[str] | None, typer.Argument(help="passages to answer from (or --file)")] = None,
     file: Annotated[list[Path] | None, typer.Option(help="a passage file (repeatable): plain text = one passage, "
                                                         ".jsonl = one passage per line with 'text'/'title'")] = None,
-    k: Annotated[int | None, typer.Option(help="block size in decoder tokens (default: the model's)")] = None,
+    k: Annotated[int | None, typer.Option(help="block size in decoder tokens (default: the model's; on a server, "
+                                               "the served model trained for it answers)")] = None,
     expansion: Annotated[float, typer.Option(min=0.0, max=1.0, help="fraction of blocks fed as full tokens")] = 0.0,
     policy: Annotated[str, typer.Option(help="similarity, recency or learned")] = "similarity",
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 128,
@@ -67,11 +68,10 @@ def answer(
     """Answer QUESTION from PASSAGES (or, on a server, from a collection) with REFRAG compressed decoding,
     streaming the answer to the terminal."""
     remote_only(remote, collection=collection, top_k=top_k)
-    local_only(remote, k=k)
     texts = _read_passages(list(passages or []), list(file or []))
     if remote:
         return _answer_remote(remote, api_key, question, texts, collection, top_k or 0, expansion, policy,
-                              max_new_tokens, stats)
+                              max_new_tokens, stats, k or 0)
     from sieve.backbone import BackboneNotFound, WeightsError
 
     from .answer import Answerer
@@ -104,10 +104,11 @@ def answer(
 
 
 def _answer_remote(remote: str, api_key: str | None, question: str, texts: list[str], collection: str | None,
-                   top_k: int, expansion: float, policy: str, max_new_tokens: int, stats: bool) -> None:
+                   top_k: int, expansion: float, policy: str, max_new_tokens: int, stats: bool,
+                   block_size: int = 0) -> None:
     with remote_errors(), connect(remote, api_key) as client:
         stream = client.answer(question, collection=collection, passages=texts, k=top_k, expansion=expansion,
-                               policy=policy, max_new_tokens=max_new_tokens)
+                               policy=policy, max_new_tokens=max_new_tokens, block_size=block_size)
         try:
             for piece in stream:
                 sys.stdout.write(piece)
@@ -121,7 +122,8 @@ def _answer_remote(remote: str, api_key: str | None, question: str, texts: list[
                             for c in stream.citations)
         line = f"[dim]passages {sources or '-'}"
         if u is not None:
-            line += (f"; {u.blocks} blocks, {u.expanded_blocks} expanded, {u.precomputed_passages} precomputed; "
+            line += (f"; {u.model} (k={u.block_size}), {u.blocks} blocks, {u.expanded_blocks} expanded, "
+                     f"{u.precomputed_passages} precomputed; "
                      f"{u.prompt_positions} decoder positions instead of {u.full_prompt_tokens}; "
                      f"{u.generated_tokens} tokens, first after {1000 * u.time_to_first_token_s:.0f} ms")
         err.print(line + f"; stopped: {stream.finish_reason or 'cancelled'} ({remote})[/]")

@@ -57,9 +57,13 @@ class InfoServicer(info_pb2_grpc.InfoServiceServicer):
         gen = self.state.generation
         generation = {}
         if gen is not None:
-            generation = {name: info_pb2.GenerationModelInfo(name=slot.name, loaded=slot.model is not None)
-                          for name, slot in (("reranker", gen.rerank_slot), ("answerer", gen.answer_slot))
-                          if slot.loader is not None}
+            answerers = [info_pb2.GenerationModelInfo(name=slot.name, loaded=slot.model is not None, block_size=k)
+                         for k, slot in gen.answer_slots()]
+            if gen.rerank_slot.loader is not None:
+                generation["reranker"] = info_pb2.GenerationModelInfo(name=gen.rerank_slot.name,
+                                                                      loaded=gen.rerank_slot.model is not None)
+            if answerers:
+                generation.update(answerer=answerers[0], answerers=answerers)
         return info_pb2.InfoResponse(version=_version(), default_model=self.state.models.default, models=models,
                                      limits=limits, auth_enabled=await self.auth_enabled(), **generation)
 

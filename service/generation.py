@@ -3,6 +3,8 @@
 Models. The reranker (Settings.reranker) and the REFRAG model (Settings.refrag) are loaded once each, in a thread,
 by the first call that needs them (or at start with Settings.preload_models); they share one loaded backbone (the
 REFRAG loader copies the decoder privately when it merges an adapter, the reranker loads its own when it has one).
+Answer's block_size picks among more REFRAG models (Settings.refrag_block_models), one per block size, each loaded
+by the first call that asks for its size (never preloaded) with its own decoder copy and lane.
 A model that fails to load answers UNAVAILABLE with the reason, and the next call tries again.
 
 Lanes. A decoder keeps its KV cache on the model object, so one model decodes one thing at a time: every call that
@@ -118,6 +120,35 @@ def _retrieve(future) -> None:
 # ------------------------------------------------------------------------------------------------------ models
 
 
+def refrag_block_sizes(default: str, more: str) -> tuple[int, dict[int, str]]:
+    """(the default REFRAG model's k, or 0 when its folder cannot be read now: its first call says why;
+    k -> name of each model in the comma-separated `more`, except one with the default's k: the default serves
+    it). Read from the folders' configs, nothing loaded; a model `more` names that cannot be read, or two of them
+    with one k, are configuration errors."""
+    from sieve.refrag import RefragConfig, resolve_refrag
+
+    try:
+        default_k = RefragConfig.load(resolve_refrag(default)).k
+    except (OSError, ValueError):
+        default_k = 0
+    by_k: dict[int, str] = {}
+    for name in (n.strip() for n in more.split(",")):
+        if not name or name == default:
+            continue
+        try:
+            k = RefragConfig.load(resolve_refrag(name)).k
+        except (OSError, ValueError) as e:
+            raise ValueError(f"refrag_block_models names {name!r}: {e}") from None
+        if k == default_k:
+            log.info("REFRAG model %s is not served: the default model %s has its block size %d", name, default, k)
+            continue
+        if k in by_k:
+            raise ValueError(f"refrag_block_models: {name!r} and {by_k[k]!r} both have block size {k}; "
+                             "each block size is served by one model")
+        by_k[k] = name
+    return default_k, by_k
+
+
 class _Slot:
     """One lazily loaded model."""
 
@@ -158,9 +189,15 @@ class Generators:
 
     def __init__(self, *, reranker: Callable[[], object] | None, answerer: Callable[[], object] | None,
                  reranker_name: str = "sieve-rank", answerer_name: str = "refrag-k16", max_waiting: int = 8,
-                 metrics=None):
+                 metrics=None, answerer_k: int = 0,
+                 answerers_by_k: dict[int, tuple[str, Callable[[], object]]] | None = None):
+        """`answerer_k`: the default REFRAG model's block size (0: known once loaded); `answerers_by_k`: more REFRAG
+        models, block size -> (name, loader), for Answer calls whose block_size asks for them."""
         self.rerank_slot = _Slot("reranker", reranker_name, reranker)
         self.answer_slot = _Slot("REFRAG model", answerer_name, answerer)
+        self.answer_k = answerer_k
+        self.block_slots = {k: _Slot("REFRAG model", name, loader) for k, (name, loader) in
+                            sorted((answerers_by_k or {}).items())}
         self.max_waiting = max_waiting
         self.metrics = metrics
         self._lanes: dict[int, tuple[object, Lane]] = {}
@@ -200,27 +237,39 @@ class Generators:
             speed(out.backbone.model)
             return out
 
-        def answerer():
-            from sieve.refrag import Answerer, RefragConfig, load_refrag, resolve_refrag
+        def answerer(name: str) -> Callable[[], object]:
+            def load():
+                from sieve.refrag import Answerer, RefragConfig, load_refrag, resolve_refrag
 
-            cfg = RefragConfig.load(resolve_refrag(settings.refrag))
-            refrag = load_refrag(settings.refrag, home=home, device=settings.device, dtype=settings.dtype,
-                                 backbone=backbone(cfg.backbone))
-            speed(refrag.model)
-            return Answerer(refrag, max_passages=settings.max_answer_passages)
+                cfg = RefragConfig.load(resolve_refrag(name))
+                refrag = load_refrag(name, home=home, device=settings.device, dtype=settings.dtype,
+                                     backbone=backbone(cfg.backbone))
+                speed(refrag.model)
+                return Answerer(refrag, max_passages=settings.max_answer_passages)
 
-        return cls(reranker=reranker, answerer=answerer, reranker_name=settings.reranker,
-                   answerer_name=settings.refrag, max_waiting=settings.max_waiting_generations, metrics=metrics)
+            return load
+
+        default_k, by_k = refrag_block_sizes(settings.refrag, settings.refrag_block_models)
+        return cls(reranker=reranker, answerer=answerer(settings.refrag), reranker_name=settings.reranker,
+                   answerer_name=settings.refrag, max_waiting=settings.max_waiting_generations, metrics=metrics,
+                   answerer_k=default_k, answerers_by_k={k: (name, answerer(name)) for k, name in by_k.items()})
 
     @classmethod
-    def preloaded(cls, *, reranker=None, answerer=None, max_waiting: int = 8, metrics=None) -> Generators:
-        """Models already in memory (tests, benchmarks); a missing one answers UNIMPLEMENTED."""
+    def preloaded(cls, *, reranker=None, answerer=None, more_answerers=(), max_waiting: int = 8,
+                  metrics=None) -> Generators:
+        """Models already in memory (tests, benchmarks); a missing one answers UNIMPLEMENTED. `more_answerers`:
+        Answerers for other block sizes (each by its model's k)."""
+        more = {a.refrag.k: a for a in more_answerers}
         out = cls(reranker=(lambda: reranker) if reranker is not None else None,
                   answerer=(lambda: answerer) if answerer is not None else None,
                   reranker_name=getattr(reranker, "name", "reranker"),
                   answerer_name=getattr(getattr(answerer, "refrag", None), "name", "refrag"),
-                  max_waiting=max_waiting, metrics=metrics)
+                  max_waiting=max_waiting, metrics=metrics,
+                  answerer_k=answerer.refrag.k if answerer is not None else 0,
+                  answerers_by_k={k: (a.refrag.name, lambda a=a: a) for k, a in more.items()})
         out.rerank_slot.model, out.answer_slot.model = reranker, answerer
+        for k, a in more.items():
+            out.block_slots[k].model = a
         return out
 
     def lane(self, model) -> Lane:
@@ -235,9 +284,27 @@ class Generators:
         reranker = await self.rerank_slot.get()
         return reranker, self.lane(reranker.backbone.model)
 
-    async def answerer(self):
-        """-> (Answerer, its lane), loading it if needed."""
-        answerer = await self.answer_slot.get()
+    def answer_slots(self) -> list[tuple[int, _Slot]]:
+        """(block size, slot) of every REFRAG model, the default first (its size 0 until known)."""
+        default = self.answer_slot.model
+        k = self.answer_k or (default.refrag.k if default is not None else 0)
+        return [(k, self.answer_slot), *self.block_slots.items()] if self.answer_slot.loader is not None else []
+
+    def answer_slot_for(self, block_size: int = 0) -> _Slot:
+        """The slot of the REFRAG model trained for `block_size` (0: the default); INVALID_ARGUMENT when none is."""
+        served = self.answer_slots()
+        if block_size == 0 or not served:
+            return self.answer_slot
+        for k, slot in served:
+            if k == block_size:
+                return slot
+        sizes = ", ".join(f"{k} ({slot.name})" for k, slot in served if k)
+        raise invalid("block_size", f"{block_size}: no REFRAG model on this server was trained for it; it serves "
+                      f"{sizes}; 0 takes the default")
+
+    async def answerer(self, block_size: int = 0):
+        """-> (Answerer, its lane) for `block_size` (0: the default model), loading it if needed."""
+        answerer = await self.answer_slot_for(block_size).get()
         return answerer, self.lane(answerer.refrag.model)
 
     async def preload(self) -> bool:
@@ -430,7 +497,7 @@ class AnswerServicer(answer_pb2_grpc.AnswerServiceServicer):
         max_new, temperature, expansion, policy = self._check(request)
         t0 = time.perf_counter_ns()
         state = self.state
-        answerer, lane = await _within(state.generation.answerer(), context)
+        answerer, lane = await _within(state.generation.answerer(request.block_size), context)
         refrag = answerer.refrag
         tokens = queue_ns = inference_ns = 0
         precomputed = 0
@@ -499,7 +566,8 @@ class AnswerServicer(answer_pb2_grpc.AnswerServiceServicer):
             usage = answer_pb2.AnswerUsage(
                 prompt_positions=st.prompt_positions, full_prompt_tokens=st.full_prompt_tokens, blocks=st.blocks,
                 expanded_blocks=st.expanded, generated_tokens=st.generated_tokens,
-                precomputed_passages=precomputed, time_to_first_token_ns=first_ns or 0)
+                precomputed_passages=precomputed, time_to_first_token_ns=first_ns or 0, model=refrag.name,
+                block_size=refrag.k)
             yield answer_pb2.AnswerResponse(
                 finish_reason=st.stopped, usage=usage,
                 metadata=_metadata(tokens + st.prompt_positions + st.generated_tokens, queue_ns + waited,

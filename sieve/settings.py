@@ -75,6 +75,10 @@ class Settings(BaseSettings):
     # -- rerank and answer (sieve.service over sieve.reranker / sieve.refrag) --
     reranker: str = Field("sieve-rank", description="reranker of Rerank and Search(rerank): a shipped name or a folder")
     refrag: str = Field("refrag-k16", description="REFRAG model of Answer: a shipped name or a folder")
+    refrag_block_models: str = Field(
+        "refrag-k8,refrag-k32", description="more REFRAG models for Answer calls whose block_size is another k: "
+        "comma-separated shipped names or folders, each serving the block size it was trained for (loaded on the "
+        "first such call, with its own copy of the decoder); empty: only the default model")
     preload_models: bool = Field(
         False, description="load the reranker and REFRAG model at start (their health is NOT_SERVING until then) "
         "instead of on the first call that needs them")

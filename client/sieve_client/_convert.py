@@ -107,9 +107,14 @@ def server_info(r: info_pb2.InfoResponse) -> ServerInfo:
     models = [ModelInfo(m.name, m.dim, m.max_length, m.default_pooling, m.query_instruction, m.document_instruction,
                         m.loaded, m.int8_calibrated) for m in r.models]
     limits = {f.name: getattr(r.limits, f.name) for f in r.limits.DESCRIPTOR.fields}
-    generation = {name: GenerationModel(getattr(r, name).name, getattr(r, name).loaded) if r.HasField(name) else None
+    generation = {name: _generation_model(getattr(r, name)) if r.HasField(name) else None
                   for name in ("reranker", "answerer")}
-    return ServerInfo(r.version, r.default_model, models, limits, r.auth_enabled, **generation)
+    return ServerInfo(r.version, r.default_model, models, limits, r.auth_enabled, **generation,
+                      answerers=[_generation_model(a) for a in r.answerers])
+
+
+def _generation_model(m: info_pb2.GenerationModelInfo) -> GenerationModel:
+    return GenerationModel(m.name, m.loaded, m.block_size)
 
 
 def _time(message, name: str):
@@ -193,12 +198,12 @@ def rerank_result(r: rerank_pb2.RerankResponse) -> RerankResult:
 
 def answer_request(question: str, collection: str | None, passages, k: int, max_new_tokens: int, temperature: float,
                    expansion: float | None, filters: Mapping[str, Any] | None,
-                   policy: str = "") -> answer_pb2.AnswerRequest:
+                   policy: str = "", block_size: int = 0) -> answer_pb2.AnswerRequest:
     if isinstance(passages, str):
         raise TypeError("pass a list of passages; wrap a single passage in a list")
     request = answer_pb2.AnswerRequest(question=question, collection=collection or "", passages=list(passages),
                                        k=k, max_new_tokens=max_new_tokens, temperature=temperature,
-                                       filters=_struct(filters), policy=policy)
+                                       filters=_struct(filters), policy=policy, block_size=block_size)
     if expansion is not None:
         request.expansion = expansion
     return request

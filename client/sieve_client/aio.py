@@ -250,9 +250,9 @@ class AsyncSieveClient:
 
     def answer(self, question: str, *, collection: str | None = None, passages: Sequence[str] = (), k: int = 0,
                max_new_tokens: int = 0, temperature: float = 0.0, expansion: float | None = None,
-               filters: Mapping[str, Any] | None = None, policy: str = "",
+               filters: Mapping[str, Any] | None = None, policy: str = "", block_size: int = 0,
                timeout: float | None = None) -> AsyncAnswerStream:
         """`async for piece in client.answer(...)`: see `SieveClient.answer`."""
         request = cv.answer_request(question, collection, passages, k, max_new_tokens, temperature, expansion,
-                                    filters, policy)
+                                    filters, policy, block_size)
         return AsyncAnswerStream(self._answer.Answer(request, timeout=timeout, metadata=self._metadata))

@@ -38,7 +38,8 @@ class _State:
             self.finish_reason = r.finish_reason
             u = r.usage
             self.usage = AnswerUsage(u.prompt_positions, u.full_prompt_tokens, u.blocks, u.expanded_blocks,
-                                     u.generated_tokens, u.precomputed_passages, u.time_to_first_token_ns / 1e9)
+                                     u.generated_tokens, u.precomputed_passages, u.time_to_first_token_ns / 1e9,
+                                     u.model, u.block_size)
             self.tokens = r.metadata.tokens
             self.request_id = r.metadata.request_id
         if r.text:

@@ -285,14 +285,16 @@ class SieveClient:
 
     def answer(self, question: str, *, collection: str | None = None, passages: Sequence[str] = (), k: int = 0,
                max_new_tokens: int = 0, temperature: float = 0.0, expansion: float | None = None,
-               filters: Mapping[str, Any] | None = None, policy: str = "",
+               filters: Mapping[str, Any] | None = None, policy: str = "", block_size: int = 0,
                timeout: float | None = None) -> AnswerStream:
         """Answer `question` from the top `k` chunks of `collection` (Search with the question, `filters` on
         metadata), or from `passages` sent now, with REFRAG compressed decoding. Returns at once; iterate the
         stream for the text pieces as they are generated (`.citations`, `.usage`, `.finish_reason` fill in as it
         goes; `.cancel()` stops the server). `expansion`: fraction of context blocks fed as full tokens (0..1),
-        chosen by `policy` ("similarity", the default; "recency"; "learned"); 0 values: the server's defaults.
+        chosen by `policy` ("similarity", the default; "recency"; "learned"); `block_size`: decoder tokens per
+        compressed block, answered by the served model trained for it (`info().answerers`); 0 values: the server's
+        defaults.
         No retries: a stream is not replayed."""
         request = cv.answer_request(question, collection, passages, k, max_new_tokens, temperature, expansion,
-                                    filters, policy)
+                                    filters, policy, block_size)
         return AnswerStream(self._answer.Answer(request, timeout=timeout, metadata=self._metadata))

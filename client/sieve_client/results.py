@@ -59,10 +59,12 @@ class ModelInfo:
 
 @dataclass
 class GenerationModel:
-    """The reranker or the REFRAG model of a server: its name, and whether a call has loaded it yet."""
+    """The reranker or a REFRAG model of a server: its name, whether a call has loaded it yet, and (REFRAG) the
+    block size it serves (Answer's `block_size`)."""
 
     name: str
     loaded: bool
+    block_size: int = 0
 
 
 @dataclass
@@ -73,7 +75,8 @@ class ServerInfo:
     limits: dict[str, int]
     auth_enabled: bool
     reranker: GenerationModel | None = None
-    answerer: GenerationModel | None = None
+    answerer: GenerationModel | None = None  # the default REFRAG model
+    answerers: list[GenerationModel] = field(default_factory=list)  # every REFRAG model, the default first
 
 
 @dataclass
@@ -193,3 +196,5 @@ class AnswerUsage:
     generated_tokens: int
     precomputed_passages: int
     time_to_first_token_s: float
+    model: str = ""  # the REFRAG model that answered
+    block_size: int = 0  # its decoder tokens per compressed block

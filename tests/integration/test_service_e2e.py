@@ -216,6 +216,12 @@ def test_rerank_search_rerank_and_answer_through_the_real_server(served):
         assert answer.strip() and [x.index for x in stream.citations] == [0, 1, 2]
         assert stream.finish_reason in ("eos", "max_new_tokens") and 0 < stream.usage.generated_tokens <= 8
         assert stream.usage.prompt_positions < stream.usage.full_prompt_tokens  # the passages went in compressed
+        assert (stream.usage.model, stream.usage.block_size) == ("refrag-k16", 16)
+        assert [(a.name, a.block_size) for a in info.answerers] == [
+            ("refrag-k16", 16), ("refrag-k8", 8), ("refrag-k32", 32)]  # the default SIEVE_REFRAG_BLOCK_MODELS
+        k32 = c.answer("What binds quarks together?", passages=PASSAGES, max_new_tokens=4, block_size=32)
+        assert k32.read().strip() and (k32.usage.model, k32.usage.block_size) == ("refrag-k32", 32)
+        assert k32.usage.blocks <= stream.usage.blocks and c.info().answerers[2].loaded  # loaded by that call
         with pytest.raises(InvalidArgument, match=r"passages\[1\]: empty"):
             list(c.answer("q?", passages=["a", " "]))
 

@@ -16,7 +16,7 @@ from sieve.backbone import ModelArgs, load_backbone
 from sieve.refrag import Answerer, EncodedPassage, Projector, Refrag
 from sieve.reranker import Reranker
 from sieve.service.errors import Expired, QueueFull
-from sieve.service.generation import Generators, Lane
+from sieve.service.generation import Generators, Lane, refrag_block_sizes
 from sieve.service.models import ModelPool
 from sieve_client import (
     AsyncSieveClient,
@@ -164,7 +164,8 @@ def test_info_names_the_models_and_limits(server):
     with server.client() as c:
         info = c.info()
     assert (info.reranker.name, info.reranker.loaded) == ("tiny-rank", True)
-    assert info.answerer.name == "tiny-refrag"
+    assert (info.answerer.name, info.answerer.block_size) == ("tiny-refrag", 4)
+    assert [(a.name, a.block_size) for a in info.answerers] == [("tiny-refrag", 4)]
     assert info.limits["max_rerank_passages"] == 8 and info.limits["max_new_tokens"] == 300
 
 
@@ -217,6 +218,57 @@ def test_answer_expands_the_blocks_the_policy_picks(server, refrag):
             assert stream.usage.expanded_blocks == want.stats.expanded > 0
             assert stream.usage.prompt_positions == want.stats.prompt_positions
     assert picked["recency"] != picked["similarity"]  # so the answers above tell the policies apart
+
+
+def test_block_size_picks_the_model_trained_for_it(tmp_path, embedder, answerer, refrag, decoder):  # noqa: F811
+    """A call's block_size routes to the served REFRAG model of that k (its own projector, its answer, its name in
+    the usage); 0 and the default's k take the default; a size no model was trained for names the served ones."""
+    torch.manual_seed(1)
+    projector = Projector(HashEncoder.dim, decoder.args.dim, 32, out_rms=0.08).eval().requires_grad_(False)
+    refrag8 = Refrag(decoder.model, decoder.tokenizer, HashEncoder(), projector, k=8, name="tiny-refrag-k8")
+    running = serve(tmp_path, embedder, Generators.preloaded(answerer=answerer, more_answerers=[Answerer(refrag8)]))
+    passages = [text(40, 1), text(21, 2)]
+    try:
+        with running.client() as c:
+            info = c.info()
+            assert [(a.name, a.block_size, a.loaded) for a in info.answerers] == [
+                ("tiny-refrag", 4, True), ("tiny-refrag-k8", 8, True)]
+            for block_size, model in ((8, refrag8), (0, refrag), (4, refrag)):
+                want = Answerer(model).stream("which gene?", passages, max_new_tokens=6)
+                want_text = "".join(want)
+                stream = c.answer("which gene?", passages=passages, max_new_tokens=6, block_size=block_size)
+                assert stream.read() == want_text
+                u = stream.usage
+                assert (u.model, u.block_size) == (model.name, model.k)
+                assert (u.blocks, u.prompt_positions) == (want.stats.blocks, want.stats.prompt_positions)
+            k8 = c.answer("which gene?", passages=passages, max_new_tokens=1, block_size=8)
+            k4 = c.answer("which gene?", passages=passages, max_new_tokens=1)
+            k8.read(), k4.read()
+            assert k8.usage.blocks < k4.usage.blocks  # 8-token blocks: fewer of them
+            with pytest.raises(InvalidArgument) as e:
+                list(c.answer("which gene?", passages=passages, block_size=5))
+            assert "block_size: 5: no REFRAG model" in e.value.message
+            assert "4 (tiny-refrag), 8 (tiny-refrag-k8)" in e.value.message
+    finally:
+        running.stop()
+
+
+def test_refrag_block_sizes_reads_the_configs_without_loading(tmp_path):
+    assert refrag_block_sizes("refrag-k16", "refrag-k8, refrag-k32") == (16, {8: "refrag-k8", 32: "refrag-k32"})
+    # the default serves its own k: a listed model with that k (or the default itself) is left out
+    assert refrag_block_sizes("refrag-k8", "refrag-k8,refrag-k32") == (8, {32: "refrag-k32"})
+    assert refrag_block_sizes("refrag-k16", "") == (16, {})
+    # an unreadable default is found out by its first call (lazy, as before); an unreadable extra is a config error
+    assert refrag_block_sizes(str(tmp_path / "nowhere"), "refrag-k8") == (0, {8: "refrag-k8"})
+    with pytest.raises(ValueError, match="refrag_block_models names .*nowhere"):
+        refrag_block_sizes("refrag-k16", f"refrag-k8,{tmp_path / 'nowhere'}")
+    from sieve.refrag import RefragConfig, resolve_refrag
+
+    twin = tmp_path / "k8-twin"
+    twin.mkdir()
+    RefragConfig.load(resolve_refrag("refrag-k8")).save(twin)
+    with pytest.raises(ValueError, match="both have block size 8"):
+        refrag_block_sizes("refrag-k16", f"refrag-k8,{twin}")
 
 
 BAD_ANSWERS = [  # (kwargs, words of the INVALID_ARGUMENT message)

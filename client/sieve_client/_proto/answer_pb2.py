@@ -26,7 +26,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from sieve_client._proto import common_pb2 as sieve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15sieve/v1/answer.proto\x12\x08sieve.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x15sieve/v1/common.proto\"\xdf\x01\n\rAnswerRequest\x12\x10\n\x08question\x18\x01 \x01(\t\x12\x12\n\ncollection\x18\x02 \x01(\t\x12\x10\n\x08passages\x18\x03 \x03(\t\x12\t\n\x01k\x18\x04 \x01(\r\x12\x16\n\x0emax_new_tokens\x18\x05 \x01(\r\x12\x13\n\x0btemperature\x18\x06 \x01(\x02\x12\x16\n\texpansion\x18\x07 \x01(\x02H\x00\x88\x01\x01\x12(\n\x07\x66ilters\x18\x08 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0e\n\x06policy\x18\t \x01(\tB\x0c\n\n_expansion\"]\n\x08\x43itation\x12\x10\n\x08\x63hunk_id\x18\x01 \x01(\x04\x12\x13\n\x0b\x64ocument_id\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\x12\r\n\x05index\x18\x04 \x01(\r\x12\x0c\n\x04text\x18\x05 \x01(\t\"\xc4\x01\n\x0b\x41nswerUsage\x12\x18\n\x10prompt_positions\x18\x01 \x01(\r\x12\x1a\n\x12\x66ull_prompt_tokens\x18\x02 \x01(\r\x12\x0e\n\x06\x62locks\x18\x03 \x01(\r\x12\x17\n\x0f\x65xpanded_blocks\x18\x04 \x01(\r\x12\x18\n\x10generated_tokens\x18\x05 \x01(\r\x12\x1c\n\x14precomputed_passages\x18\x06 \x01(\r\x12\x1e\n\x16time_to_first_token_ns\x18\x07 \x01(\x04\"\xa8\x01\n\x0e\x41nswerResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12%\n\tcitations\x18\x02 \x03(\x0b\x32\x12.sieve.v1.Citation\x12$\n\x08metadata\x18\x03 \x01(\x0b\x32\x12.sieve.v1.Metadata\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12$\n\x05usage\x18\x05 \x01(\x0b\x32\x15.sieve.v1.AnswerUsage2N\n\rAnswerService\x12=\n\x06\x41nswer\x12\x17.sieve.v1.AnswerRequest\x1a\x18.sieve.v1.AnswerResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15sieve/v1/answer.proto\x12\x08sieve.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x15sieve/v1/common.proto\"\xf3\x01\n\rAnswerRequest\x12\x10\n\x08question\x18\x01 \x01(\t\x12\x12\n\ncollection\x18\x02 \x01(\t\x12\x10\n\x08passages\x18\x03 \x03(\t\x12\t\n\x01k\x18\x04 \x01(\r\x12\x16\n\x0emax_new_tokens\x18\x05 \x01(\r\x12\x13\n\x0btemperature\x18\x06 \x01(\x02\x12\x16\n\texpansion\x18\x07 \x01(\x02H\x00\x88\x01\x01\x12(\n\x07\x66ilters\x18\x08 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0e\n\x06policy\x18\t \x01(\t\x12\x12\n\nblock_size\x18\n \x01(\rB\x0c\n\n_expansion\"]\n\x08\x43itation\x12\x10\n\x08\x63hunk_id\x18\x01 \x01(\x04\x12\x13\n\x0b\x64ocument_id\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\x12\r\n\x05index\x18\x04 \x01(\r\x12\x0c\n\x04text\x18\x05 \x01(\t\"\xe7\x01\n\x0b\x41nswerUsage\x12\x18\n\x10prompt_positions\x18\x01 \x01(\r\x12\x1a\n\x12\x66ull_prompt_tokens\x18\x02 \x01(\r\x12\x0e\n\x06\x62locks\x18\x03 \x01(\r\x12\x17\n\x0f\x65xpanded_blocks\x18\x04 \x01(\r\x12\x18\n\x10generated_tokens\x18\x05 \x01(\r\x12\x1c\n\x14precomputed_passages\x18\x06 \x01(\r\x12\x1e\n\x16time_to_first_token_ns\x18\x07 \x01(\x04\x12\r\n\x05model\x18\x08 \x01(\t\x12\x12\n\nblock_size\x18\t \x01(\r\"\xa8\x01\n\x0e\x41nswerResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12%\n\tcitations\x18\x02 \x03(\x0b\x32\x12.sieve.v1.Citation\x12$\n\x08metadata\x18\x03 \x01(\x0b\x32\x12.sieve.v1.Metadata\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12$\n\x05usage\x18\x05 \x01(\x0b\x32\x15.sieve.v1.AnswerUsage2N\n\rAnswerService\x12=\n\x06\x41nswer\x12\x17.sieve.v1.AnswerRequest\x1a\x18.sieve.v1.AnswerResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,13 +34,13 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sieve_client._proto.answer_
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ANSWERREQUEST']._serialized_start=89
-  _globals['_ANSWERREQUEST']._serialized_end=312
-  _globals['_CITATION']._serialized_start=314
-  _globals['_CITATION']._serialized_end=407
-  _globals['_ANSWERUSAGE']._serialized_start=410
-  _globals['_ANSWERUSAGE']._serialized_end=606
-  _globals['_ANSWERRESPONSE']._serialized_start=609
-  _globals['_ANSWERRESPONSE']._serialized_end=777
-  _globals['_ANSWERSERVICE']._serialized_start=779
-  _globals['_ANSWERSERVICE']._serialized_end=857
+  _globals['_ANSWERREQUEST']._serialized_end=332
+  _globals['_CITATION']._serialized_start=334
+  _globals['_CITATION']._serialized_end=427
+  _globals['_ANSWERUSAGE']._serialized_start=430
+  _globals['_ANSWERUSAGE']._serialized_end=661
+  _globals['_ANSWERRESPONSE']._serialized_start=664
+  _globals['_ANSWERRESPONSE']._serialized_end=832
+  _globals['_ANSWERSERVICE']._serialized_start=834
+  _globals['_ANSWERSERVICE']._serialized_end=912
 # @@protoc_insertion_point(module_scope)

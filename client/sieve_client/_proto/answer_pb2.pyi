@@ -9,7 +9,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class AnswerRequest(_message.Message):
-    __slots__ = ("question", "collection", "passages", "k", "max_new_tokens", "temperature", "expansion", "filters", "policy")
+    __slots__ = ("question", "collection", "passages", "k", "max_new_tokens", "temperature", "expansion", "filters", "policy", "block_size")
     QUESTION_FIELD_NUMBER: _ClassVar[int]
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
     PASSAGES_FIELD_NUMBER: _ClassVar[int]
@@ -19,6 +19,7 @@ class AnswerRequest(_message.Message):
     EXPANSION_FIELD_NUMBER: _ClassVar[int]
     FILTERS_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     question: str
     collection: str
     passages: _containers.RepeatedScalarFieldContainer[str]
@@ -28,7 +29,8 @@ class AnswerRequest(_message.Message):
     expansion: float
     filters: _struct_pb2.Struct
     policy: str
-    def __init__(self, question: _Optional[str] = ..., collection: _Optional[str] = ..., passages: _Optional[_Iterable[str]] = ..., k: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., expansion: _Optional[float] = ..., filters: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., policy: _Optional[str] = ...) -> None: ...
+    block_size: int
+    def __init__(self, question: _Optional[str] = ..., collection: _Optional[str] = ..., passages: _Optional[_Iterable[str]] = ..., k: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., expansion: _Optional[float] = ..., filters: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., policy: _Optional[str] = ..., block_size: _Optional[int] = ...) -> None: ...
 
 class Citation(_message.Message):
     __slots__ = ("chunk_id", "document_id", "score", "index", "text")
@@ -45,7 +47,7 @@ class Citation(_message.Message):
     def __init__(self, chunk_id: _Optional[int] = ..., document_id: _Optional[str] = ..., score: _Optional[float] = ..., index: _Optional[int] = ..., text: _Optional[str] = ...) -> None: ...
 
 class AnswerUsage(_message.Message):
-    __slots__ = ("prompt_positions", "full_prompt_tokens", "blocks", "expanded_blocks", "generated_tokens", "precomputed_passages", "time_to_first_token_ns")
+    __slots__ = ("prompt_positions", "full_prompt_tokens", "blocks", "expanded_blocks", "generated_tokens", "precomputed_passages", "time_to_first_token_ns", "model", "block_size")
     PROMPT_POSITIONS_FIELD_NUMBER: _ClassVar[int]
     FULL_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -53,6 +55,8 @@ class AnswerUsage(_message.Message):
     GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PRECOMPUTED_PASSAGES_FIELD_NUMBER: _ClassVar[int]
     TIME_TO_FIRST_TOKEN_NS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     prompt_positions: int
     full_prompt_tokens: int
     blocks: int
@@ -60,7 +64,9 @@ class AnswerUsage(_message.Message):
     generated_tokens: int
     precomputed_passages: int
     time_to_first_token_ns: int
-    def __init__(self, prompt_positions: _Optional[int] = ..., full_prompt_tokens: _Optional[int] = ..., blocks: _Optional[int] = ..., expanded_blocks: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., precomputed_passages: _Optional[int] = ..., time_to_first_token_ns: _Optional[int] = ...) -> None: ...
+    model: str
+    block_size: int
+    def __init__(self, prompt_positions: _Optional[int] = ..., full_prompt_tokens: _Optional[int] = ..., blocks: _Optional[int] = ..., expanded_blocks: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., precomputed_passages: _Optional[int] = ..., time_to_first_token_ns: _Optional[int] = ..., model: _Optional[str] = ..., block_size: _Optional[int] = ...) -> None: ...
 
 class AnswerResponse(_message.Message):
     __slots__ = ("text", "citations", "metadata", "finish_reason", "usage")

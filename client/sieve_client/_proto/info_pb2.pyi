@@ -55,15 +55,17 @@ class Limits(_message.Message):
     def __init__(self, max_texts_per_request: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., max_queued_texts: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_k: _Optional[int] = ..., max_documents_per_upsert: _Optional[int] = ..., max_rerank_passages: _Optional[int] = ..., max_answer_passages: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., max_waiting_generations: _Optional[int] = ...) -> None: ...
 
 class GenerationModelInfo(_message.Message):
-    __slots__ = ("name", "loaded")
+    __slots__ = ("name", "loaded", "block_size")
     NAME_FIELD_NUMBER: _ClassVar[int]
     LOADED_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     name: str
     loaded: bool
-    def __init__(self, name: _Optional[str] = ..., loaded: _Optional[bool] = ...) -> None: ...
+    block_size: int
+    def __init__(self, name: _Optional[str] = ..., loaded: _Optional[bool] = ..., block_size: _Optional[int] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("version", "default_model", "models", "limits", "auth_enabled", "reranker", "answerer")
+    __slots__ = ("version", "default_model", "models", "limits", "auth_enabled", "reranker", "answerer", "answerers")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_MODEL_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
@@ -71,6 +73,7 @@ class InfoResponse(_message.Message):
     AUTH_ENABLED_FIELD_NUMBER: _ClassVar[int]
     RERANKER_FIELD_NUMBER: _ClassVar[int]
     ANSWERER_FIELD_NUMBER: _ClassVar[int]
+    ANSWERERS_FIELD_NUMBER: _ClassVar[int]
     version: str
     default_model: str
     models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
@@ -78,4 +81,5 @@ class InfoResponse(_message.Message):
     auth_enabled: bool
     reranker: GenerationModelInfo
     answerer: GenerationModelInfo
-    def __init__(self, version: _Optional[str] = ..., default_model: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., auth_enabled: _Optional[bool] = ..., reranker: _Optional[_Union[GenerationModelInfo, _Mapping]] = ..., answerer: _Optional[_Union[GenerationModelInfo, _Mapping]] = ...) -> None: ...
+    answerers: _containers.RepeatedCompositeFieldContainer[GenerationModelInfo]
+    def __init__(self, version: _Optional[str] = ..., default_model: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., auth_enabled: _Optional[bool] = ..., reranker: _Optional[_Union[GenerationModelInfo, _Mapping]] = ..., answerer: _Optional[_Union[GenerationModelInfo, _Mapping]] = ..., answerers: _Optional[_Iterable[_Union[GenerationModelInfo, _Mapping]]] = ...) -> None: ...
