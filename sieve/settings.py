@@ -6,10 +6,10 @@ Library code never reads the environment itself: it takes the values it needs as
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
@@ -44,8 +44,9 @@ class Settings(BaseSettings):
     job_lease_s: float = Field(
         300.0, gt=0, description="seconds a worker holds a claimed batch before another may take it over "
         "(a worker that dies on this host is noticed at once; on another host after the lease)")
-    refrag_blocks: int = Field(
-        16, ge=0, le=64, description="k of the REFRAG block encodings workers precompute for every chunk (0: off)")
+    refrag_blocks: Annotated[tuple[int, ...], NoDecode] = Field(
+        (16,), description="block sizes k of the REFRAG block encodings workers precompute for every chunk: one "
+        "(16) or several (8,16,32: Answer calls at each block_size then read them); 0: off")
     worker_fanout: int = Field(8, ge=1, description="task messages sent per job (how many workers can share it)")
     # -- serving (sieve.service) --
     grpc_host: str = Field("127.0.0.1", description="address the gRPC server binds; 0.0.0.0 to serve other hosts")
@@ -118,6 +119,20 @@ class Settings(BaseSettings):
             return self.data_dir.expanduser()
         beside = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
         return beside if beside.is_dir() else Path("/work/shared/data")
+
+    @field_validator("refrag_blocks", mode="before")
+    @classmethod
+    def _block_sizes(cls, v):
+        """"16", "8,16,32", 16 or [8, 16] -> sorted distinct sizes; 0 is off (none)."""
+        parts = v.replace(" ", "").split(",") if isinstance(v, str) else [v] if isinstance(v, int) else list(v)
+        try:
+            sizes = {int(p) for p in parts if p != ""} - {0}
+        except ValueError:
+            raise ValueError(f"block sizes are whole numbers separated by commas, got {v!r}") from None
+        bad = sorted(k for k in sizes if not 1 <= k <= 64)
+        if bad:
+            raise ValueError(f"block sizes must be between 1 and 64 (0: off), got {bad}")
+        return tuple(sorted(sizes))
 
     @field_validator("home")
     @classmethod

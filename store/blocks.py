@@ -14,18 +14,18 @@ from sqlalchemy.orm import Session
 from .models import ChunkBlocks
 
 
-def put_blocks(session: Session, records: dict[int, dict[str, Any]]) -> None:
-    """Store or replace the block encodings of chunks: {chunk id: record}."""
+def put_blocks(session: Session, records: list[tuple[int, dict[str, Any]]]) -> None:
+    """Store or replace the block encodings of chunks: (chunk id, record) pairs, any number of k per chunk."""
     if not records:
         return
-    for (k,) in {(r["k"],) for r in records.values()}:
-        ids = [i for i, r in records.items() if r["k"] == k]
+    for k in {r["k"] for _, r in records}:
+        ids = [i for i, r in records if r["k"] == k]
         for start in range(0, len(ids), 1000):
             batch = ids[start:start + 1000]
             session.execute(delete(ChunkBlocks).where(ChunkBlocks.k == k, ChunkBlocks.chunk_id.in_(batch)))
     session.execute(insert(ChunkBlocks), [
         {"chunk_id": int(i), "k": r["k"], "encoder": r["encoder"], "n_tokens": r["n_tokens"], "dim": r["dim"],
-         "data": r["vectors"]} for i, r in records.items()
+         "data": r["vectors"]} for i, r in records
     ])
 
 

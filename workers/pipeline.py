@@ -53,7 +53,7 @@ class WorkerContext:
     lease_s: float = 300.0
     device: str = "auto"
     dtype: str = "auto"
-    refrag_k: int = 0  # precompute REFRAG block encodings of every chunk with this k (0: off)
+    refrag_k: int | tuple[int, ...] = 0  # precompute REFRAG block encodings of every chunk with these k (0/(): off)
     embedders: dict[str, Any] = field(default_factory=dict)
     writer: IndexWriter | None = None
     block_encoder: Any = None
@@ -70,6 +70,9 @@ class WorkerContext:
             self.embedders[name] = load_embedder(resolve_embedder(name), home=self.model_home, device=self.device,
                                                  dtype=self.dtype)
         return self.embedders[name]
+
+    def block_sizes(self) -> tuple[int, ...]:
+        return tuple(k for k in ((self.refrag_k,) if isinstance(self.refrag_k, int) else self.refrag_k) if k)
 
     def blocks(self):
         """The REFRAG block encoder (decoder tokenizer + chunk encoder; no decoder weights), loaded once."""
@@ -207,11 +210,12 @@ def process_upsert(ctx: WorkerContext, collection: Collection, doc_ids: list[int
                 except (ValueError, RuntimeError) as e:
                     result.errors.append({"external_id": p.external_id, "reason": f"embedding failed: {e}"})
         result.chunks_embedded = sum(len(v) for v in vectors.values())
-    blocks: dict[int, dict[str, Any]] = {}  # chunk id -> REFRAG block record, for the chunks embedded now
-    if ctx.refrag_k and vectors:
+    blocks: dict[int, list[dict[str, Any]]] = {}  # chunk id -> REFRAG block records (one per k), chunks embedded now
+    if ctx.block_sizes() and vectors:
         todo = [(cid, piece.text) for p in fresh if p.doc_id in vectors for cid, piece in zip(p.ids, p.pieces)]
-        encoded = ctx.blocks().encode_blocks([t for _, t in todo], ctx.refrag_k)
-        blocks = {cid: e.to_record() for (cid, _), e in zip(todo, encoded)}
+        for k in ctx.block_sizes():
+            for (cid, _), e in zip(todo, ctx.blocks().encode_blocks([t for _, t in todo], k)):
+                blocks.setdefault(cid, []).append(e.to_record())
 
     add_ids: list[int] = []
     add_vecs: list[np.ndarray] = []
@@ -239,7 +243,7 @@ def process_upsert(ctx: WorkerContext, collection: Collection, doc_ids: list[int
                     for cid, piece in zip(p.ids, p.pieces)
                 ])
                 put_vectors(s, np.asarray(p.ids), vecs)
-                put_blocks(s, {cid: blocks[cid] for cid in p.ids if cid in blocks})
+                put_blocks(s, [(cid, r) for cid in p.ids for r in blocks.get(cid, ())])
             doc.status, doc.error = "indexed", None
             keep = set(p.ids)
             remove.extend(i for i in p.old_ids if i not in keep)

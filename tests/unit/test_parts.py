@@ -24,6 +24,22 @@ def test_settings_read_sieve_env(monkeypatch, tmp_path):
         Settings()
 
 
+@pytest.mark.parametrize(("env", "sizes"), [(None, (16,)), ("8,16,32", (8, 16, 32)), (" 32, 8 ,8", (8, 32)),
+                                            ("0", ()), ("16", (16,))])
+def test_settings_refrag_blocks_take_one_or_several_sizes(monkeypatch, env, sizes):
+    monkeypatch.delenv("SIEVE_REFRAG_BLOCKS", raising=False)
+    if env is not None:
+        monkeypatch.setenv("SIEVE_REFRAG_BLOCKS", env)
+    assert Settings().refrag_blocks == sizes
+
+
+@pytest.mark.parametrize(("env", "words"), [("8,65", "between 1 and 64"), ("eight", "whole numbers")])
+def test_settings_refrag_blocks_say_what_is_wrong(monkeypatch, env, words):
+    monkeypatch.setenv("SIEVE_REFRAG_BLOCKS", env)
+    with pytest.raises(ValidationError, match=words):
+        Settings()
+
+
 def test_settings_default_home_is_expanded(monkeypatch):
     monkeypatch.delenv("SIEVE_HOME", raising=False)
     assert "~" not in str(Settings().home) and Settings().home.name == "sieve"

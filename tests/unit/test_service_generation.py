@@ -249,6 +249,13 @@ def test_block_size_picks_the_model_trained_for_it(tmp_path, embedder, answerer,
                 list(c.answer("which gene?", passages=passages, block_size=5))
             assert "block_size: 5: no REFRAG model" in e.value.message
             assert "4 (tiny-refrag), 8 (tiny-refrag-k8)" in e.value.message
+
+            c.create_collection("docs")  # workers that store both sizes: each model reads its own, none re-encodes
+            _index(running, embedder, refrag, refrag_k=(4, 8))
+            for block_size, model in ((8, refrag8), (0, refrag)):
+                rag = c.answer("heart attack risk", collection="docs", k=3, max_new_tokens=3, block_size=block_size)
+                rag.read()
+                assert (rag.usage.model, rag.usage.precomputed_passages) == (model.name, 3)
     finally:
         running.stop()
 
@@ -364,7 +371,7 @@ DOCS = [("heart", "aspirin lowers the risk of a heart attack in older patients")
         ("protein", "protein folding shapes the function of the cell")]
 
 
-def _index(server, embedder, refrag):  # noqa: F811
+def _index(server, embedder, refrag, refrag_k=4):  # noqa: F811
     from sieve.workers import jobs
     from sieve.workers.pipeline import WorkerContext, drain
 
@@ -372,7 +379,7 @@ def _index(server, embedder, refrag):  # noqa: F811
     docs = [jobs.DocumentIn(external_id=i, text=t, metadata={"n": n}) for n, (i, t) in enumerate(DOCS)]
     job = jobs.submit_upsert(engine, "docs", docs, enqueue=lambda job_id, n: None)
     ctx = WorkerContext(engine=engine, index_root=server.server.state.index_root, model_home=server.server.state
-                        .settings.home, chunk_tokens=64, chunk_overlap=0, device="cpu", dtype="float32", refrag_k=4,
+                        .settings.home, chunk_tokens=64, chunk_overlap=0, device="cpu", dtype="float32", refrag_k=refrag_k,
                         embedders={"tiny": embedder}, block_encoder=refrag.blocks)
     drain(ctx, job.id)
     assert jobs.get_job(engine, job.id).status == "done"

@@ -261,21 +261,22 @@ def test_workers_precompute_refrag_blocks_that_the_answer_path_can_read(ctx, tin
             return torch.stack([torch.full((8,), float(len(t))) for t in texts])
 
     tok = tiny_embedder.encoder.backbone.tokenizer
-    ctx.refrag_k, ctx.block_encoder = 4, BlockEncoder(tok, Fixed())
+    ctx.refrag_k, ctx.block_encoder = (4, 8), BlockEncoder(tok, Fixed())  # two block sizes, as SIEVE_REFRAG_BLOCKS=4,8
     drain(ctx, submit(ctx, [DocumentIn(f"d{i}", doc_text(i)) for i in range(3)]).id)
     with session_scope(ctx.engine) as s:
         chunks = {c.id: c.text for c in s.scalars(select(Chunk))}
-        records = fetch_blocks(s, list(chunks), k=4)
+        by_k = {k: fetch_blocks(s, list(chunks), k=k) for k in (4, 8)}
         assert fetch_blocks(s, list(chunks), k=16) == {}
-    assert set(records) == set(chunks)
-    for cid, record in records.items():
-        passage = EncodedPassage.from_record(record, chunks[cid], tok)
-        assert passage.n_blocks == -(-len(tok.encode(chunks[cid], add_bos=False)) // 4)
-        assert passage.vectors.shape == (passage.n_blocks, 8) and record["encoder"].startswith("fixed-8")
+    for k, records in by_k.items():
+        assert set(records) == set(chunks)
+        for cid, record in records.items():
+            passage = EncodedPassage.from_record(record, chunks[cid], tok)
+            assert passage.k == k and passage.n_blocks == -(-len(tok.encode(chunks[cid], add_bos=False)) // k)
+            assert passage.vectors.shape == (passage.n_blocks, 8) and record["encoder"].startswith("fixed-8")
     jobs.submit_delete(ctx.engine, "docs", ["d0", "d1", "d2"], enqueue=Sent())
     drain(ctx, jobs.unfinished_jobs(ctx.engine)[0])
     with session_scope(ctx.engine) as s:  # they go with their chunks
-        assert fetch_blocks(s, list(chunks), k=4) == {}
+        assert fetch_blocks(s, list(chunks), k=4) == {} and fetch_blocks(s, list(chunks), k=8) == {}
 
 
 def test_delete_documents_leaves_index_and_sql_in_agreement(ctx):
