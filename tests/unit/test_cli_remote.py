@@ -119,6 +119,11 @@ def test_embed_rerank_and_answer_remotely(remote, embedder, reranker, refrag):  
     assert out.exit_code == 0, out.output
     want = "".join(Answerer(refrag).stream("which gene?", [text(10, 1), text(12, 2)], max_new_tokens=6))
     assert out.stdout == want + "\n" and "passages 0, 1" in out.stderr
+    assert "tiny-refrag (k=4)" in out.stderr  # the model and block size that answered
+    out = sieve("answer", "which gene?", text(10, 1), "--max-new-tokens", "2", "--k", "4", "--remote", t)
+    assert out.exit_code == 0 and "tiny-refrag (k=4)" in out.stderr, out.output  # --k goes to the server
+    out = sieve("answer", "which gene?", text(10, 1), "--k", "5", "--remote", t)
+    assert out.exit_code == 1 and "block_size: 5: no REFRAG model" in out.output
 
 
 def test_remote_errors_are_one_line_and_local_only_options_are_refused(remote, monkeypatch):

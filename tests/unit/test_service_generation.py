@@ -378,8 +378,9 @@ def _index(server, embedder, refrag, refrag_k=4):  # noqa: F811
     engine = server.server.state.engine
     docs = [jobs.DocumentIn(external_id=i, text=t, metadata={"n": n}) for n, (i, t) in enumerate(DOCS)]
     job = jobs.submit_upsert(engine, "docs", docs, enqueue=lambda job_id, n: None)
-    ctx = WorkerContext(engine=engine, index_root=server.server.state.index_root, model_home=server.server.state
-                        .settings.home, chunk_tokens=64, chunk_overlap=0, device="cpu", dtype="float32", refrag_k=refrag_k,
+    state = server.server.state
+    ctx = WorkerContext(engine=engine, index_root=state.index_root, model_home=state.settings.home, chunk_tokens=64,
+                        chunk_overlap=0, device="cpu", dtype="float32", refrag_k=refrag_k,
                         embedders={"tiny": embedder}, block_encoder=refrag.blocks)
     drain(ctx, job.id)
     assert jobs.get_job(engine, job.id).status == "done"
