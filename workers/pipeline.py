@@ -6,7 +6,7 @@ each. Processing is idempotent, in this order, so a crash anywhere is repaired b
   1. plan: chunk every pending document of the batch (token windows of the collection's embedder); chunk ids are
      `chunk_id(collection, external id, content hash, ordinal)`, so a re-run derives the same ids;
   2. embed the chunks SQL does not already hold with the same ids (a re-run after step 3 embeds nothing);
-  3. one SQL transaction: replace each document's chunks and vectors (and, with `refrag_k`, the chunks' REFRAG
+  3. one SQL transaction: replace each document's chunks and vectors (and, with `refrag_ks`, the chunks' REFRAG
      block encodings, so answering never re-encodes), mark it indexed (or failed, with why);
   4. under the collection's writer lock: remove the documents' old chunk ids from FAISS, add the new ones
      (`add` removes before adding, so adding twice is adding once), snapshot;
@@ -53,7 +53,7 @@ class WorkerContext:
     lease_s: float = 300.0
     device: str = "auto"
     dtype: str = "auto"
-    refrag_k: int | tuple[int, ...] = 0  # precompute REFRAG block encodings of every chunk with these k (0/(): off)
+    refrag_ks: tuple[int, ...] = ()  # precompute REFRAG block encodings of every chunk at each of these k (): off
     embedders: dict[str, Any] = field(default_factory=dict)
     writer: IndexWriter | None = None
     block_encoder: Any = None
@@ -70,9 +70,6 @@ class WorkerContext:
             self.embedders[name] = load_embedder(resolve_embedder(name), home=self.model_home, device=self.device,
                                                  dtype=self.dtype)
         return self.embedders[name]
-
-    def block_sizes(self) -> tuple[int, ...]:
-        return tuple(k for k in ((self.refrag_k,) if isinstance(self.refrag_k, int) else self.refrag_k) if k)
 
     def blocks(self):
         """The REFRAG block encoder (decoder tokenizer + chunk encoder; no decoder weights), loaded once."""
@@ -211,10 +208,11 @@ def process_upsert(ctx: WorkerContext, collection: Collection, doc_ids: list[int
                     result.errors.append({"external_id": p.external_id, "reason": f"embedding failed: {e}"})
         result.chunks_embedded = sum(len(v) for v in vectors.values())
     blocks: dict[int, list[dict[str, Any]]] = {}  # chunk id -> REFRAG block records (one per k), chunks embedded now
-    if ctx.block_sizes() and vectors:
+    if ctx.refrag_ks and vectors:
         todo = [(cid, piece.text) for p in fresh if p.doc_id in vectors for cid, piece in zip(p.ids, p.pieces)]
-        for k in ctx.block_sizes():
-            for (cid, _), e in zip(todo, ctx.blocks().encode_blocks([t for _, t in todo], k)):
+        texts = [t for _, t in todo]
+        for k in ctx.refrag_ks:
+            for (cid, _), e in zip(todo, ctx.blocks().encode_blocks(texts, k)):
                 blocks.setdefault(cid, []).append(e.to_record())
 
     add_ids: list[int] = []

@@ -45,7 +45,7 @@ def context() -> pipeline.WorkerContext:
                 engine=make_engine(settings.resolved_database_url()), index_root=settings.index_path(),
                 model_home=settings.home / "cache", chunk_tokens=settings.chunk_tokens,
                 chunk_overlap=settings.chunk_overlap, lease_s=settings.job_lease_s, device=settings.device,
-                dtype=settings.dtype, refrag_k=settings.refrag_blocks,
+                dtype=settings.dtype, refrag_ks=settings.refrag_blocks,
             )
         return _ctx
 

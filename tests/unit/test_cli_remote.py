@@ -30,7 +30,7 @@ def remote(tmp_path, monkeypatch, embedder, reranker, refrag):  # noqa: F811
     running.run(running.server.wait_ready(10))
     state = running.server.state
     ctx = WorkerContext(engine=state.engine, index_root=state.index_root, model_home=tmp_path, chunk_tokens=64,
-                        chunk_overlap=0, device="cpu", dtype="float32", refrag_k=4, embedders={"tiny": embedder},
+                        chunk_overlap=0, device="cpu", dtype="float32", refrag_ks=(4,), embedders={"tiny": embedder},
                         block_encoder=refrag.blocks)
     lock = threading.Lock()
 

@@ -251,7 +251,7 @@ def test_block_size_picks_the_model_trained_for_it(tmp_path, embedder, answerer,
             assert "4 (tiny-refrag), 8 (tiny-refrag-k8)" in e.value.message
 
             c.create_collection("docs")  # workers that store both sizes: each model reads its own, none re-encodes
-            _index(running, embedder, refrag, refrag_k=(4, 8))
+            _index(running, embedder, refrag, refrag_ks=(4, 8))
             for block_size, model in ((8, refrag8), (0, refrag)):
                 rag = c.answer("heart attack risk", collection="docs", k=3, max_new_tokens=3, block_size=block_size)
                 rag.read()
@@ -371,7 +371,7 @@ DOCS = [("heart", "aspirin lowers the risk of a heart attack in older patients")
         ("protein", "protein folding shapes the function of the cell")]
 
 
-def _index(server, embedder, refrag, refrag_k=4):  # noqa: F811
+def _index(server, embedder, refrag, refrag_ks=(4,)):  # noqa: F811
     from sieve.workers import jobs
     from sieve.workers.pipeline import WorkerContext, drain
 
@@ -380,7 +380,7 @@ def _index(server, embedder, refrag, refrag_k=4):  # noqa: F811
     job = jobs.submit_upsert(engine, "docs", docs, enqueue=lambda job_id, n: None)
     state = server.server.state
     ctx = WorkerContext(engine=engine, index_root=state.index_root, model_home=state.settings.home, chunk_tokens=64,
-                        chunk_overlap=0, device="cpu", dtype="float32", refrag_k=refrag_k,
+                        chunk_overlap=0, device="cpu", dtype="float32", refrag_ks=refrag_ks,
                         embedders={"tiny": embedder}, block_encoder=refrag.blocks)
     drain(ctx, job.id)
     assert jobs.get_job(engine, job.id).status == "done"

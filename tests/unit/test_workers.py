@@ -261,7 +261,7 @@ def test_workers_precompute_refrag_blocks_that_the_answer_path_can_read(ctx, tin
             return torch.stack([torch.full((8,), float(len(t))) for t in texts])
 
     tok = tiny_embedder.encoder.backbone.tokenizer
-    ctx.refrag_k, ctx.block_encoder = (4, 8), BlockEncoder(tok, Fixed())  # two block sizes, as SIEVE_REFRAG_BLOCKS=4,8
+    ctx.refrag_ks, ctx.block_encoder = (4, 8), BlockEncoder(tok, Fixed())  # two block sizes, as SIEVE_REFRAG_BLOCKS=4,8
     drain(ctx, submit(ctx, [DocumentIn(f"d{i}", doc_text(i)) for i in range(3)]).id)
     with session_scope(ctx.engine) as s:
         chunks = {c.id: c.text for c in s.scalars(select(Chunk))}
