@@ -46,7 +46,8 @@ def rerank(
     file: Annotated[Path | None, typer.Option(help="read passages from a file: one per line, or JSON lines "
                                                    "with a 'text' field")] = None,
     mode: Annotated[str | None, typer.Option(help="full (one pass), first (first-token logits), inline (scores at "
-                                                  "each passage's end, one pass), sliding (window 20, stride 10); "
+                                                  "each passage's end, one pass), likelihood (log p(query | passage), "
+                                                  "zero-shot), sliding (window 20, stride 10); "
                                                   "default: the reranker's own")] = None,
     top_k: Annotated[int | None, typer.Option(min=1, help="return (and decode) only the top k")] = None,
     fuse: Annotated[bool | None, typer.Option("--fuse/--no-fuse", help="fuse the order with the order given (RRF: "
@@ -210,7 +211,8 @@ def eval_reranker(
     first_stage: Annotated[list[str] | None, typer.Option(
         help="bm25, sieve-embed, all-minilm-l6-v2 (repeatable or comma-separated; default bm25)")] = None,
     mode: Annotated[list[str] | None, typer.Option(
-        help="sliding, full, first, inline (repeatable or comma-separated; default all)")] = None,
+        help="sliding, full, first, inline, likelihood (repeatable or comma-separated; default: all but "
+             "likelihood)")] = None,
     model: Annotated[str, typer.Option(help="sieve-rank or a reranker folder")] = "sieve-rank",
     fusion: Annotated[bool, typer.Option(help="also report each mode fused with the first stage (RRF, k=60)")] = (
         False),
@@ -232,8 +234,9 @@ def eval_reranker(
 
     settings = _settings()
     modes = tuple(_items(mode) or MODES)
-    if bad := [m for m in modes if m not in MODES]:
-        raise _fail(f"unknown mode(s) {', '.join(bad)}; choose from {', '.join(MODES)}")
+    known = (*MODES, "likelihood")
+    if bad := [m for m in modes if m not in known]:
+        raise _fail(f"unknown mode(s) {', '.join(bad)}; choose from {', '.join(known)}")
     reranker = _load(model, settings, dtype)
     rows, out = [], None
     datasets, stages = _items(dataset) or ["scifact", "trec-dl-2019"], tuple(_items(first_stage) or ["bm25"])

@@ -30,7 +30,8 @@ from .fusion import fuse_with_input_order
 from .listwise import Reranker
 from .permutation import parse_permutation
 
-MODES = ("sliding", "full", "first", "inline")
+MODES = ("sliding", "full", "first", "inline")  # the default; "likelihood" on request
+SCORE_MODES = ("first", "inline", "likelihood")  # every passage scored: fusion and the prior check read them all
 
 
 def first_stage_run(ds, system: str, *, depth: int, home: Path, device: str, dtype: str, console=None):
@@ -100,7 +101,7 @@ def evaluate(reranker: Reranker, datasets: list[str], *, data_root: Path, home: 
                         else:
                             # score modes score every passage anyway: fusion and the prior check read all of them,
                             # as rank(fuse=True)
-                            whole = (fusion or prior_check) and mode in ("first", "inline")
+                            whole = (fusion or prior_check) and mode in SCORE_MODES
                             # fuse=False: each row is the mode alone, whatever the model's default (the +rrf row
                             # fuses it here)
                             res = reranker.rank(ds.queries[q], texts, mode=mode, top_k=None if whole else top_k,
@@ -110,7 +111,7 @@ def evaluate(reranker: Reranker, datasets: list[str], *, data_root: Path, home: 
                             parsed_all = [parse_permutation(a, size, expected=k)
                                           for a, (size, k) in zip(res.answers, res.answer_shapes)]
                         seconds += time.perf_counter() - t
-                        if prior_check and mode in ("first", "inline") and len(docs) > 2 and len(qids) > 1:
+                        if prior_check and mode in SCORE_MODES and len(docs) > 2 and len(qids) > 1:
                             other = ds.queries[qids[(qi + 1) % len(qids)]]
                             again = reranker.rank(other, texts, mode=mode, fuse=False)
                             priors.append(spearman(by_passage(res.order, res.scores, len(docs)),

@@ -11,6 +11,8 @@ what it cost). Inference only: evaluation lives in eval.py and is never imported
 - first: FIRST scoring (first.py), one forward; scores are log-probabilities.
 - inline: the full prompt in one causal forward, each passage scored at its last token (" yes" minus " no" logits,
   first.py); no answer, no id trie. Scores are logit differences.
+- likelihood: query likelihood (likelihood.py, UPR): each passage scored by log p(query | passage) under the
+  backbone, in batched teacher-forced forwards; zero-shot. Not one pass: n short sequences instead of one long one.
 - sliding: RankGPT's sliding window (window 20, stride 10, back to front), each window a constrained full
   ranking of its passages with the *same per-passage cap as the full prompt would use* for this list, so the two
   strategies see the same text and differ only in how they spend the context. `top_k`: each window decodes only
@@ -28,11 +30,12 @@ from sieve.backbone.generate import stream
 
 from .first import first_scores, inline_scores, relevance_tokens
 from .fusion import fuse_with_input_order
+from .likelihood import LikelihoodPrompt, likelihood_scores, passage_texts
 from .permutation import IdTokens, PermutationConstraint
 from .prompt import RANKGPT, PromptBuilder, PromptTemplate, PromptTooLong
 from .speculative import speculative_decode
 
-MODES = ("full", "first", "sliding", "inline")
+MODES = ("full", "first", "sliding", "inline", "likelihood")
 
 
 @dataclass
@@ -107,7 +110,7 @@ class Reranker:
              fuse: bool | None = None) -> RankResult:
         """Rank `passages` for `query` -> their indices best first (top_k of them) with scores.
 
-        mode: full | first | inline | sliding (None: this reranker's default, `self.mode`).
+        mode: full | first | inline | likelihood | sliding (None: this reranker's default, `self.mode`).
         fuse: combine the mode's order with the input order by reciprocal rank fusion (fusion.py); the passages
         must then come in a first stage's order, best first. Scores are then RRF scores. None: `self.fuse`."""
         mode = self.mode if mode is None else _check_mode(mode)
@@ -126,6 +129,8 @@ class Reranker:
         scores: list[float] | None = None  # the score modes' (first, inline): every passage scored
         if mode == "sliding":
             result = self._sliding(query, p_ids, top_k, stats)
+        elif mode == "likelihood":
+            scores = self._likelihood(query, list(passages), p_ids, stats)
         elif mode == "inline" and self.inline_window and n > self.inline_window:
             scores = self._inline_windows(query, p_ids, stats)
         else:
@@ -155,6 +160,23 @@ class Reranker:
         return result
 
     # ------------------------------------------------------------------------------------------------- parts
+
+    def _likelihood(self, query: str, passages: list[str], p_ids: list[list[int]], stats: RankStats) -> list[float]:
+        """Query-likelihood scores [n]: passages cut to the per-passage cap a one-pass prompt of this list would
+        get (at most `max_passage_tokens`), so every mode reads the same amount of text."""
+        tok = self.backbone.tokenizer
+        prompt = LikelihoodPrompt.build(tok, query, self.prompts.max_query_tokens)
+        try:
+            cap = self.prompts.build(query, p_ids).passage_cap
+        except PromptTooLong:  # more passages than one prompt holds: each sequence is short anyway
+            cap = self.prompts.max_passage_tokens
+        texts = passage_texts(passages, cap)
+        own = [ids[:cap] for ids in tok.encode_batch(texts, add_bos=False)]
+        scores, tokens, forwards = likelihood_scores(self.backbone.model, prompt, own, pad_id=tok.pad_id or 0)
+        stats.prompt_tokens += tokens
+        stats.forward_passes += forwards
+        stats.passage_cap, stats.truncated = cap, sum(len(p) > cap for p in p_ids)
+        return scores.tolist()
 
     def _inline_windows(self, query: str, p_ids: list[list[int]], stats: RankStats) -> list[float]:
         """Inline scores of consecutive groups of `inline_window` passages, one prompt each -> [n] scores."""

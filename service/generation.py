@@ -42,8 +42,8 @@ from .interceptors import request_id
 
 log = logging.getLogger("sieve.service.generation")
 
-MODES = {0: None, 1: "full", 2: "first", 3: "sliding", 4: "inline"}  # sieve.v1.RerankMode (None: the model's own)
-MODE_ENUM = {"full": 1, "first": 2, "sliding": 3, "inline": 4}
+MODES = {0: None, 1: "full", 2: "first", 3: "sliding", 4: "inline", 5: "likelihood"}  # sieve.v1.RerankMode (None: the model's own)
+MODE_ENUM = {"full": 1, "first": 2, "sliding": 3, "inline": 4, "likelihood": 5}
 
 
 # ------------------------------------------------------------------------------------------------------- lanes
@@ -393,7 +393,7 @@ class RerankServicer(rerank_pb2_grpc.RerankServiceServicer):
                           "rank the best candidates of a first stage, or split the list")
         if request.mode not in MODES:
             raise invalid("mode", f"unknown value {request.mode}; use RERANK_MODE_FULL, RERANK_MODE_FIRST, "
-                          "RERANK_MODE_SLIDING or RERANK_MODE_INLINE")
+                          "RERANK_MODE_SLIDING, RERANK_MODE_INLINE or RERANK_MODE_LIKELIHOOD")
         mode = MODES[request.mode]
         top_k = min(request.top_k, len(passages)) if request.top_k else None
         fuse = request.fuse if request.HasField("fuse") else None

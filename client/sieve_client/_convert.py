@@ -172,7 +172,7 @@ def hits(r: search_pb2.SearchResponse) -> list[Hit]:
                 h.vector_score) for h in r.hits]
 
 
-RERANK_MODES = {"full": 1, "first": 2, "sliding": 3, "inline": 4}
+RERANK_MODES = {"full": 1, "first": 2, "sliding": 3, "inline": 4, "likelihood": 5}
 _MODE_NAMES = {v: k for k, v in RERANK_MODES.items()} | {0: "full"}
 
 

@@ -274,7 +274,8 @@ class SieveClient:
                fuse: bool | None = None, return_text: bool = False, timeout: float | None = None) -> RerankResult:
         """Rank `passages` by relevance to `query`: "full" ranks the whole list in one pass (always a valid
         permutation; scores n - position), "first" by first-token logits (one forward; scores are log-probs),
-        "inline" by scores read at each passage's end (one forward), "sliding" with the sliding-window baseline;
+        "inline" by scores read at each passage's end (one forward), "likelihood" by log p(query | passage) (query
+        likelihood, zero-shot; scores are log-probs), "sliding" with the sliding-window baseline;
         None: the served reranker's default (`Info`'s model card). `fuse`: fuse that order with the order sent
         (reciprocal rank fusion; send the passages best first, as a first stage ranked them; None: the reranker's
         default). `top_k`: only the best k (full mode also decodes only k ids). Iterate the result for `Rank`s,

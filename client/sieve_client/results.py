@@ -153,7 +153,7 @@ class RerankResult:
 
     ranks: list[Rank]
     model: str
-    mode: str  # full | first | sliding | inline
+    mode: str  # full | first | sliding | inline | likelihood
     passage_cap: int = 0  # tokens each passage was allowed
     truncated: int = 0  # passages cut to passage_cap
     tokens: int = 0  # tokens the model processed

@@ -46,3 +46,12 @@ def test_modes_rank_real_passages(reranker, mode):
     for answer in res.answers:
         p = parse_permutation(answer, len(DOCS))
         assert (p.wrong_format, p.repeated, p.missing) == (False, 0, 0), answer
+
+
+def test_query_likelihood_puts_the_aspirin_trials_first(reranker):
+    """Zero-shot query likelihood on the real decoder reads the query: both aspirin passages above the Eiffel
+    tower, Python and the empty passage, and another query reorders them."""
+    res = reranker.rank("Does aspirin prevent heart attacks?", DOCS, mode="likelihood")
+    assert set(res.order[:2]) == {0, 3}, res
+    other = reranker.rank("When was the Eiffel tower built?", DOCS, mode="likelihood")
+    assert other.order[0] == 1, other

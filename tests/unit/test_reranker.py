@@ -149,7 +149,7 @@ def test_parse_permutation_counts_faults():
 # -------------------------------------------------------------------------------------- ranking end to end
 
 
-@pytest.mark.parametrize("mode", ["full", "first", "sliding", "inline"])
+@pytest.mark.parametrize("mode", ["full", "first", "sliding", "inline", "likelihood"])
 @pytest.mark.parametrize("n", [1, 2, 25])
 def test_rank_returns_a_permutation_with_scores(reranker, mode, n):
     res = reranker.rank("does aspirin lower heart risk?", passages(n), mode=mode)
@@ -162,6 +162,9 @@ def test_rank_returns_a_permutation_with_scores(reranker, mode, n):
     elif mode == "inline":
         assert res.stats.generated_tokens == 0 and res.stats.forward_passes == 1
         assert all(math.isfinite(s) for s in res.scores) and res.answers == []
+    elif mode == "likelihood":
+        assert res.stats.generated_tokens == 0 and res.answers == []
+        assert all(math.isfinite(s) and s < 0 for s in res.scores)  # summed log-probabilities
     else:
         assert res.stats.generated_tokens > 0
         sizes = [e - s for s, e in sliding_windows(n)] if mode == "sliding" else [n]
@@ -206,7 +209,7 @@ def test_top_k(reranker):
 
 def test_duplicate_and_empty_passages_are_ranked(reranker):
     ps = ["same text here", "same text here", "", "   ", "other words", "same text here"]
-    for mode in ("full", "first", "sliding", "inline"):
+    for mode in ("full", "first", "sliding", "inline", "likelihood"):
         res = reranker.rank("text", ps, mode=mode)
         assert is_permutation(res.order, len(ps)), mode
 
@@ -214,7 +217,7 @@ def test_duplicate_and_empty_passages_are_ranked(reranker):
 def test_long_passages_are_cut_to_the_budget_and_still_ranked(backbone):
     rr = Reranker(backbone, max_passage_tokens=10_000)
     long = [" ".join(WORDS) * 60, "short one", " ".join(WORDS) * 40]  # thousands of tokens each
-    for mode in ("full", "first", "sliding", "inline"):
+    for mode in ("full", "first", "sliding", "inline", "likelihood"):
         res = rr.rank("query", long * 10, mode=mode)
         assert is_permutation(res.order, 30)
         assert res.stats.truncated == 20 and res.stats.passage_cap < 2000
@@ -404,3 +407,56 @@ def test_shipped_reranker_folder_is_zero_shot_without_adapter():
     assert cfg.lora_r == 0 or (folder / "adapter.safetensors").is_file()
     with pytest.raises(FileNotFoundError, match="shipped: sieve-rank"):
         resolve_reranker("/no/such/folder")
+
+
+# ------------------------------------------------------------------------------------------------- query likelihood
+
+
+def naive_query_logprob(model, tokens: list[int], start: int) -> float:
+    """log p(tokens[start:] | tokens[:start]) from one unpadded forward with logits everywhere."""
+    with torch.inference_mode():
+        logits = model(torch.tensor([tokens]), return_hidden=False).logits[0].float()
+    logp = torch.log_softmax(logits, -1)
+    return sum(logp[i - 1, tokens[i]].item() for i in range(start, len(tokens)))
+
+
+def test_likelihood_scores_equal_each_sequence_scored_alone(backbone):
+    from sieve.reranker.likelihood import LikelihoodPrompt, likelihood_scores
+
+    tok = backbone.tokenizer
+    prompt = LikelihoodPrompt.build(tok, "does aspirin lower heart risk", max_query_tokens=32)
+    texts = passages(7, words=5) + [" ".join(WORDS) * 3]  # different lengths: right padding in every batch
+    ids = [tok.encode(" " + t, add_bos=False) for t in texts]
+    want = [naive_query_logprob(backbone.model, *prompt.sequence(p)) for p in ids]
+    # one sequence per forward, a few per forward, all in one
+    longest = max(len(prompt.sequence(p)[0]) for p in ids)
+    for batch_tokens, expected_forwards in ((1, len(ids)), (3 * longest, None), (100_000, 1)):
+        scores, tokens, forwards = likelihood_scores(backbone.model, prompt, ids, batch_tokens=batch_tokens)
+        assert_close(scores, torch.tensor(want), atol=2e-3, rtol=1e-4)
+        assert tokens == sum(len(prompt.sequence(p)[0]) for p in ids)
+        assert forwards == expected_forwards if expected_forwards else 1 < forwards < len(ids)
+
+
+def test_likelihood_batches_stay_within_the_token_budget():
+    from sieve.reranker.likelihood import batches
+
+    lengths = [5, 9, 3, 30, 2, 2, 2, 7]
+    groups = batches(lengths, 20)
+    assert [i for g in groups for i in g] == list(range(len(lengths)))  # all, in order, once
+    for g in groups:
+        assert len(g) == 1 or max(lengths[i] for i in g) * len(g) <= 20
+    assert [30] in [[lengths[i] for i in g] for g in groups]  # longer than the budget: alone
+
+
+def test_likelihood_mode_reads_the_query(reranker):
+    """The scores are log p(query | passage): duplicates score the same, and another query changes them."""
+    ps = ["same text here", "other words entirely", "same text here", "aspirin heart risk study"]
+    a = reranker.rank("aspirin heart risk", ps, mode="likelihood")
+    by = dict(zip(a.order, a.scores))
+    assert by[0] == pytest.approx(by[2], abs=1e-4)
+    b = reranker.rank("cancer blood level", ps, mode="likelihood")
+    assert dict(zip(b.order, b.scores)) != pytest.approx(by)
+    fused = reranker.rank("aspirin heart risk", ps, mode="likelihood", fuse=True, top_k=2)
+    assert fused.fused and len(fused.order) == 2
+    with pytest.raises(ValueError, match="empty"):
+        reranker.rank("   ", ps, mode="likelihood")

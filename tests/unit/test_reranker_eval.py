@@ -118,3 +118,15 @@ def test_spearman_and_by_passage():
     assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
     assert spearman([1, 1, 1], [1, 2, 3]) == 0.0
+
+
+def test_likelihood_rows_score_every_candidate_for_fusion(reranker, data_root, tmp_path):
+    """The query-likelihood mode is a score mode: with top_k its row and its fused row are those of the complete
+    scores (fusion reads every passage's rank), and it decodes nothing."""
+    complete = run(reranker, data_root, tmp_path, modes=("likelihood",), fusion=True)
+    top = run(reranker, data_root, tmp_path, modes=("likelihood",), fusion=True, top_k=10)
+    assert [r["mode"] for r in complete] == ["first-stage", "likelihood", "likelihood+rrf"]
+    for a, b in zip(complete, top):
+        assert a["ndcg@10"] == b["ndcg@10"]
+    row = complete[1]
+    assert "answers" not in row and row["tokens_per_query"] > 0 and row["passage_cap"] == 24

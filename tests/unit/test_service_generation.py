@@ -104,7 +104,7 @@ def server(tmp_path, embedder, reranker, answerer):  # noqa: F811
 # ------------------------------------------------------------------------------------------------------ rerank
 
 
-@pytest.mark.parametrize("mode", ["full", "first", "sliding", "inline"])
+@pytest.mark.parametrize("mode", ["full", "first", "sliding", "inline", "likelihood"])
 def test_rerank_through_the_server_equals_the_library(server, reranker, mode):
     want = reranker.rank(QUERY, PASSAGES, mode=mode)
     with server.client() as c:

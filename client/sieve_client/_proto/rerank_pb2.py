@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from sieve_client._proto import common_pb2 as sieve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15sieve/v1/rerank.proto\x12\x08sieve.v1\x1a\x15sieve/v1/common.proto\"\x94\x01\n\rRerankRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12\x10\n\x08passages\x18\x02 \x03(\t\x12\x13\n\x0breturn_text\x18\x03 \x01(\x08\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\"\n\x04mode\x18\x05 \x01(\x0e\x32\x14.sieve.v1.RerankMode\x12\x11\n\x04\x66use\x18\x06 \x01(\x08H\x00\x88\x01\x01\x42\x07\n\x05_fuse\"@\n\x04Rank\x12\r\n\x05index\x18\x01 \x01(\r\x12\x11\n\x04text\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\r\n\x05score\x18\x03 \x01(\x02\x42\x07\n\x05_text\"\xbf\x01\n\x0eRerankResponse\x12\x1d\n\x05ranks\x18\x01 \x03(\x0b\x32\x0e.sieve.v1.Rank\x12$\n\x08metadata\x18\x02 \x01(\x0b\x32\x12.sieve.v1.Metadata\x12\r\n\x05model\x18\x03 \x01(\t\x12\"\n\x04mode\x18\x04 \x01(\x0e\x32\x14.sieve.v1.RerankMode\x12\x13\n\x0bpassage_cap\x18\x05 \x01(\r\x12\x11\n\ttruncated\x18\x06 \x01(\r\x12\r\n\x05\x66used\x18\x07 \x01(\x08*\x87\x01\n\nRerankMode\x12\x1b\n\x17RERANK_MODE_UNSPECIFIED\x10\x00\x12\x14\n\x10RERANK_MODE_FULL\x10\x01\x12\x15\n\x11RERANK_MODE_FIRST\x10\x02\x12\x17\n\x13RERANK_MODE_SLIDING\x10\x03\x12\x16\n\x12RERANK_MODE_INLINE\x10\x04\x32Q\n\rRerankService\x12@\n\x06Rerank\x12\x17.sieve.v1.RerankRequest\x1a\x18.sieve.v1.RerankResponse\"\x03\x90\x02\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15sieve/v1/rerank.proto\x12\x08sieve.v1\x1a\x15sieve/v1/common.proto\"\x94\x01\n\rRerankRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12\x10\n\x08passages\x18\x02 \x03(\t\x12\x13\n\x0breturn_text\x18\x03 \x01(\x08\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\"\n\x04mode\x18\x05 \x01(\x0e\x32\x14.sieve.v1.RerankMode\x12\x11\n\x04\x66use\x18\x06 \x01(\x08H\x00\x88\x01\x01\x42\x07\n\x05_fuse\"@\n\x04Rank\x12\r\n\x05index\x18\x01 \x01(\r\x12\x11\n\x04text\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\r\n\x05score\x18\x03 \x01(\x02\x42\x07\n\x05_text\"\xbf\x01\n\x0eRerankResponse\x12\x1d\n\x05ranks\x18\x01 \x03(\x0b\x32\x0e.sieve.v1.Rank\x12$\n\x08metadata\x18\x02 \x01(\x0b\x32\x12.sieve.v1.Metadata\x12\r\n\x05model\x18\x03 \x01(\t\x12\"\n\x04mode\x18\x04 \x01(\x0e\x32\x14.sieve.v1.RerankMode\x12\x13\n\x0bpassage_cap\x18\x05 \x01(\r\x12\x11\n\ttruncated\x18\x06 \x01(\r\x12\r\n\x05\x66used\x18\x07 \x01(\x08*\xa3\x01\n\nRerankMode\x12\x1b\n\x17RERANK_MODE_UNSPECIFIED\x10\x00\x12\x14\n\x10RERANK_MODE_FULL\x10\x01\x12\x15\n\x11RERANK_MODE_FIRST\x10\x02\x12\x17\n\x13RERANK_MODE_SLIDING\x10\x03\x12\x16\n\x12RERANK_MODE_INLINE\x10\x04\x12\x1a\n\x16RERANK_MODE_LIKELIHOOD\x10\x05\x32Q\n\rRerankService\x12@\n\x06Rerank\x12\x17.sieve.v1.RerankRequest\x1a\x18.sieve.v1.RerankResponse\"\x03\x90\x02\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,13 +35,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RERANKSERVICE'].methods_by_name['Rerank']._loaded_options = None
   _globals['_RERANKSERVICE'].methods_by_name['Rerank']._serialized_options = b'\220\002\001'
   _globals['_RERANKMODE']._serialized_start=470
-  _globals['_RERANKMODE']._serialized_end=605
+  _globals['_RERANKMODE']._serialized_end=633
   _globals['_RERANKREQUEST']._serialized_start=59
   _globals['_RERANKREQUEST']._serialized_end=207
   _globals['_RANK']._serialized_start=209
   _globals['_RANK']._serialized_end=273
   _globals['_RERANKRESPONSE']._serialized_start=276
   _globals['_RERANKRESPONSE']._serialized_end=467
-  _globals['_RERANKSERVICE']._serialized_start=607
-  _globals['_RERANKSERVICE']._serialized_end=688
+  _globals['_RERANKSERVICE']._serialized_start=635
+  _globals['_RERANKSERVICE']._serialized_end=716
 # @@protoc_insertion_point(module_scope)

@@ -15,11 +15,13 @@ class RerankMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     RERANK_MODE_FIRST: _ClassVar[RerankMode]
     RERANK_MODE_SLIDING: _ClassVar[RerankMode]
     RERANK_MODE_INLINE: _ClassVar[RerankMode]
+    RERANK_MODE_LIKELIHOOD: _ClassVar[RerankMode]
 RERANK_MODE_UNSPECIFIED: RerankMode
 RERANK_MODE_FULL: RerankMode
 RERANK_MODE_FIRST: RerankMode
 RERANK_MODE_SLIDING: RerankMode
 RERANK_MODE_INLINE: RerankMode
+RERANK_MODE_LIKELIHOOD: RerankMode
 
 class RerankRequest(_message.Message):
     __slots__ = ("query", "passages", "return_text", "top_k", "mode", "fuse")
