@@ -42,7 +42,8 @@ from .interceptors import request_id
 
 log = logging.getLogger("sieve.service.generation")
 
-MODES = {0: None, 1: "full", 2: "first", 3: "sliding", 4: "inline", 5: "likelihood"}  # sieve.v1.RerankMode (None: the model's own)
+# sieve.v1.RerankMode (None: the model's own)
+MODES = {0: None, 1: "full", 2: "first", 3: "sliding", 4: "inline", 5: "likelihood"}
 MODE_ENUM = {"full": 1, "first": 2, "sliding": 3, "inline": 4, "likelihood": 5}
 
 

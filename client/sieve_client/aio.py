@@ -241,8 +241,8 @@ class AsyncSieveClient:
     async def rerank(self, query: str, passages: Sequence[str], *, mode: str | None = None,
                      top_k: int | None = None, fuse: bool | None = None, return_text: bool = False,
                      timeout: float | None = None) -> RerankResult:
-        """Rank `passages` by relevance to `query`: mode "full", "first", "inline", "likelihood" or "sliding" (None: the served
-        reranker's default); `fuse`: fuse with the order sent (RRF); `top_k`: only the best k. See
+        """Rank `passages` by relevance to `query`: mode "full", "first", "inline", "likelihood" or "sliding"
+        (None: the served reranker's default); `fuse`: fuse with the order sent (RRF); `top_k`: only the best k. See
         `SieveClient.rerank`."""
         r = await self._call(self._rerank.Rerank,
                              cv.rerank_request(query, passages, mode, top_k, return_text, fuse), timeout)
