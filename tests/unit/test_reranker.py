@@ -407,6 +407,9 @@ def test_shipped_reranker_folder_is_zero_shot_without_adapter():
     assert cfg.lora_r == 0 or (folder / "adapter.safetensors").is_file()
     with pytest.raises(FileNotFoundError, match="shipped: sieve-rank"):
         resolve_reranker("/no/such/folder")
+    zero_shot = RerankerConfig.load(resolve_reranker("sieve-rank-likelihood"))  # the plain backbone, query likelihood
+    assert (zero_shot.lora_r, zero_shot.mode, zero_shot.fuse) == (0, "likelihood", False)
+    assert not (resolve_reranker("sieve-rank-likelihood") / "adapter.safetensors").exists()
 
 
 # ------------------------------------------------------------------------------------------------- query likelihood
