@@ -1,7 +1,8 @@
 """Query-likelihood scoring (UPR: Sachan et al., "Improving Passage Retrieval with Zero-Shot Question Generation",
 EMNLP 2022): each passage is scored by log p(query | passage) under the backbone, read off one teacher-forced
 forward of `passage prompt + query`. Zero-shot: the decoder's own language modelling is the relevance judge, so it
-needs no training (and none of the ranking adapters helps it: see README, Reranker).
+needs no training (a reranker folder's adapter, when it has one, is merged into that judge; the shipped
+`sieve-rank-likelihood` has none).
 
 The n (passage, query) sequences run as right-padded batches of about `batch_tokens` tokens; the LM head runs only
 at the positions that predict a query token (the head is 49K wide, most of a forward's cost on short sequences).
@@ -26,7 +27,7 @@ QUERY_CUE = "\n\nA statement based on this passage:"
 class LikelihoodPrompt:
     """Token pieces of the query-likelihood prompt for one query."""
 
-    prefix: list[int]  # "Passage: "
+    prefix: list[int]  # "Passage:"
     cue: list[int]  # between the passage and the query
     query: list[int]  # the scored tokens
 
