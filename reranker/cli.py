@@ -231,12 +231,12 @@ def eval_reranker(
 ) -> None:
     """nDCG@10 of first stage / sliding / full / first reranking, format-fault rates and cost per query."""
     from .eval import MODES, evaluate, write_eval
+    from .listwise import MODES as RANK_MODES
 
     settings = _settings()
     modes = tuple(_items(mode) or MODES)
-    known = (*MODES, "likelihood")
-    if bad := [m for m in modes if m not in known]:
-        raise _fail(f"unknown mode(s) {', '.join(bad)}; choose from {', '.join(known)}")
+    if bad := [m for m in modes if m not in RANK_MODES]:
+        raise _fail(f"unknown mode(s) {', '.join(bad)}; choose from {', '.join(RANK_MODES)}")
     reranker = _load(model, settings, dtype)
     rows, out = [], None
     datasets, stages = _items(dataset) or ["scifact", "trec-dl-2019"], tuple(_items(first_stage) or ["bm25"])

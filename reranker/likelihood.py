@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-PASSAGE_PREFIX = "Passage:"  # passages are encoded with a leading space
+PASSAGE_PREFIX = "Passage:"  # then a space: the passage's own leading space, or one added here
 QUERY_CUE = "\n\nA statement based on this passage:"
 
 
@@ -27,27 +27,24 @@ QUERY_CUE = "\n\nA statement based on this passage:"
 class LikelihoodPrompt:
     """Token pieces of the query-likelihood prompt for one query."""
 
-    prefix: list[int]  # "Passage:"
+    prefix: list[int]  # "Passage:" (+ " " for passages encoded without their leading space)
     cue: list[int]  # between the passage and the query
     query: list[int]  # the scored tokens
 
     @classmethod
-    def build(cls, tokenizer, query: str, max_query_tokens: int) -> LikelihoodPrompt:
+    def build(cls, tokenizer, query: str, max_query_tokens: int, *, passage_lead: bool = True) -> LikelihoodPrompt:
+        """`passage_lead`: the passages' tokens start with the space before their text (`PromptBuilder.passage_ids`
+        of a template with a space before `{passage}`)."""
         if not query.strip():
             raise ValueError("the query is empty: query likelihood scores the query's tokens")
         q = tokenizer.encode(" " + " ".join(query.split()), add_bos=False)[:max_query_tokens]
-        return cls(tokenizer.encode(PASSAGE_PREFIX, add_bos=False), tokenizer.encode(QUERY_CUE, add_bos=False), q)
+        prefix = PASSAGE_PREFIX if passage_lead else PASSAGE_PREFIX + " "
+        return cls(tokenizer.encode(prefix, add_bos=False), tokenizer.encode(QUERY_CUE, add_bos=False), q)
 
     def sequence(self, passage: list[int]) -> tuple[list[int], int]:
         """-> (tokens, index of the first query token)."""
         head = self.prefix + passage + self.cue
         return head + self.query, len(head)
-
-
-def passage_texts(passages: list[str], cap: int) -> list[str]:
-    """Passages as the likelihood prompt holds them: whitespace collapsed, a leading space (the prefix ends with
-    a colon), cut by characters first to about what `cap` tokens can hold."""
-    return [" " + " ".join(p.split())[: 8 * cap + 64] for p in passages]
 
 
 def batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:

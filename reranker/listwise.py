@@ -30,7 +30,7 @@ from sieve.backbone.generate import stream
 
 from .first import first_scores, inline_scores, relevance_tokens
 from .fusion import fuse_with_input_order
-from .likelihood import LikelihoodPrompt, likelihood_scores, passage_texts
+from .likelihood import LikelihoodPrompt, likelihood_scores
 from .permutation import IdTokens, PermutationConstraint
 from .prompt import RANKGPT, PromptBuilder, PromptTemplate, PromptTooLong
 from .speculative import speculative_decode
@@ -126,11 +126,11 @@ class Reranker:
         self.ids.digits_of(n, self.backbone.tokenizer)
         p_ids = self.prompts.passage_ids(list(passages))
         stats = RankStats()
-        scores: list[float] | None = None  # the score modes' (first, inline): every passage scored
+        scores: list[float] | None = None  # the score modes' (first, inline, likelihood): every passage scored
         if mode == "sliding":
             result = self._sliding(query, p_ids, top_k, stats)
         elif mode == "likelihood":
-            scores = self._likelihood(query, list(passages), p_ids, stats)
+            scores = self._likelihood(query, p_ids, stats)
         elif mode == "inline" and self.inline_window and n > self.inline_window:
             scores = self._inline_windows(query, p_ids, stats)
         else:
@@ -161,18 +161,18 @@ class Reranker:
 
     # ------------------------------------------------------------------------------------------------- parts
 
-    def _likelihood(self, query: str, passages: list[str], p_ids: list[list[int]], stats: RankStats) -> list[float]:
+    def _likelihood(self, query: str, p_ids: list[list[int]], stats: RankStats) -> list[float]:
         """Query-likelihood scores [n]: passages cut to the per-passage cap a one-pass prompt of this list would
         get (at most `max_passage_tokens`), so every mode reads the same amount of text."""
         tok = self.backbone.tokenizer
-        prompt = LikelihoodPrompt.build(tok, query, self.prompts.max_query_tokens)
+        prompt = LikelihoodPrompt.build(tok, query, self.prompts.max_query_tokens,
+                                        passage_lead=self.prompts.passage_lead)
         try:
             cap = self.prompts.build(query, p_ids).passage_cap
         except PromptTooLong:  # more passages than one prompt holds: each sequence is short anyway
             cap = self.prompts.max_passage_tokens
-        texts = passage_texts(passages, cap)
-        own = [ids[:cap] for ids in tok.encode_batch(texts, add_bos=False)]
-        scores, tokens, forwards = likelihood_scores(self.backbone.model, prompt, own, pad_id=tok.pad_id or 0)
+        scores, tokens, forwards = likelihood_scores(self.backbone.model, prompt, [p[:cap] for p in p_ids],
+                                                     pad_id=tok.pad_id or 0)
         stats.prompt_tokens += tokens
         stats.forward_passes += forwards
         stats.passage_cap, stats.truncated = cap, sum(len(p) > cap for p in p_ids)

@@ -96,6 +96,7 @@ class PromptBuilder:
         before, _, after = template.body.partition("{passage}")
         # a space before the passage is tokenized with the passage (`Ġword`), as it would be in running text
         self._lead = " " if before.endswith(" ") else ""
+        self.passage_lead = bool(self._lead)  # passage_ids() start with the space before the text
         self._label = before.removesuffix(" ") if self._lead else before
         self._after = after
         self._label_cache: dict[int, list[int]] = {}
