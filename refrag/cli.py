@@ -151,6 +151,11 @@ def train_refrag(
     lr: float = 1e-3,
     lora_lr: float = 2e-4,
     lora_r: int = 8,
+    tune_encoder: Annotated[bool, typer.Option(
+        help="train the chunk encoder too (recon, cpt), as the paper; the folder then ships its own encoder")] = False,
+    encoder_lr: float = 5e-5,
+    init: Annotated[str | None, typer.Option(
+        help="start from this model's weights (a shipped name or folder; same k) instead of from scratch")] = None,
     dtype: Annotated[str, typer.Option(help="autocast dtype: float32, or bfloat16 on a GPU")] = "float32",
     seed: int = 0,
 ) -> None:
@@ -163,7 +168,8 @@ def train_refrag(
                       cpt_steps=cpt_steps, cpt_context_tokens=cpt_context_tokens, cpt_target_tokens=cpt_target_tokens,
                       cpt_lora=cpt_lora, sft_steps=sft_steps, sft_docs=sft_docs, expand_max=expand_max,
                       policy_examples=policy_examples, policy_epochs=policy_epochs, lr=lr, lora_lr=lora_lr,
-                      lora_r=lora_r, lora_alpha=2.0 * lora_r, dtype=dtype, seed=seed)
+                      lora_r=lora_r, lora_alpha=2.0 * lora_r, dtype=dtype, seed=seed, tune_encoder=tune_encoder,
+                      encoder_lr=encoder_lr, init=Path(init) if init else None)
     try:
         summary = train(cfg, home=settings.home / "cache", device=settings.device)
     except ValueError as e:

@@ -1,8 +1,11 @@
 """REFRAG's compression side: cut text into blocks of k decoder tokens and embed each block with a chunk encoder.
 
-The chunk encoder (all-MiniLM-L6-v2 by default) is **frozen**: its vectors do not depend on anything REFRAG
-trains, so the vectors the indexing workers store (`BlockEncoder.encode_blocks`) stay valid when a new projector
-ships. The projector (projector.py) maps them into the decoder's embedding space at answer time (one small matmul).
+The chunk encoder is all-MiniLM-L6-v2 by default, frozen: its vectors then do not depend on anything REFRAG trains,
+so the vectors the indexing workers store (`BlockEncoder.encode_blocks`) stay valid when a new projector ships. A
+model trained with `--tune-encoder` (the paper's recipe: encoder and projector learn together) carries its own
+encoder folder; its fingerprint differs, so vectors stored by another encoder are not used with it (the service
+encodes those chunks' text instead) and workers store the served model's encoder's vectors. The projector
+(projector.py) maps them into the decoder's embedding space at answer time (one small matmul).
 
 Blocks are cut in the *decoder's* tokens (so "expand a block" means feeding exactly those k tokens), per passage:
 a passage of n tokens makes ceil(n / k) blocks, the last one shorter when n is not a multiple of k. The encoder
@@ -25,8 +28,11 @@ from sieve.backbone import Tokenizer
 MAX_K = 64
 
 
+ENCODER_DIR = "encoder"  # a tuned chunk encoder inside a REFRAG model folder (sentence-transformers layout)
+
+
 class ChunkEncoder(Protocol):
-    """Text -> one vector per text. Frozen; `embed` never builds a graph."""
+    """Text -> one vector per text. `embed` builds no graph unless the encoder is being trained (`set_trainable`)."""
 
     name: str
     dim: int
@@ -46,21 +52,61 @@ class SentenceTransformerChunkEncoder:
         dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
         self.dim = int(dim())
         self.batch_size = batch_size
+        self.trainable = False
+        self.model.requires_grad_(False)
+
+    def set_trainable(self, on: bool = True) -> None:
+        """Training (train.py, --tune-encoder): `embed` then runs with autograd, in one batch, so the loss reaches the
+        encoder's weights. Dropout stays off (eval mode), as in inference."""
+        self.trainable = on
+        self.model.eval().requires_grad_(on)
+
+    def parameters(self):
+        return self.model.parameters()
+
+    def save(self, folder: str | Path) -> None:
+        self.model.save(str(folder))
 
     def embed(self, texts: Sequence[str]) -> torch.Tensor:
         if not texts:
             return torch.zeros(0, self.dim)
+        if self.trainable and torch.is_grad_enabled():
+            features = self.model.tokenize(list(texts))
+            device = next(self.model.parameters()).device
+            features = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in features.items()}
+            return self.model(features)["sentence_embedding"].float()
         with torch.no_grad():
             out = self.model.encode(list(texts), batch_size=self.batch_size, convert_to_tensor=True,
                                     show_progress_bar=False)
         return out.float().cpu().clone()  # clone: a normal tensor even if encode ran in inference mode
 
 
-def load_chunk_encoder(name_or_path: str = "all-minilm-l6-v2", *, device: str = "cpu") -> ChunkEncoder:
+def load_chunk_encoder(name_or_path: str = "all-minilm-l6-v2", *, device: str = "cpu",
+                       name: str | None = None) -> ChunkEncoder:
+    """A registered embedder name or a sentence-transformers folder. `name` goes into block fingerprints: the
+    registered name, or for a tuned encoder `tuned_encoder_name(folder)`."""
     from sieve.registry import resolve_embedder
 
     folder = resolve_embedder(name_or_path)
-    return SentenceTransformerChunkEncoder(folder, name=name_or_path, device=device)
+    return SentenceTransformerChunkEncoder(folder, name=name or name_or_path, device=device)
+
+
+def tuned_encoder_name(folder: Path) -> str:
+    """A tuned encoder's fingerprint name: its model folder's name and a digest of its weights, so two models with
+    different tuned encoders never share stored vectors."""
+    digest = hashlib.sha1()
+    for f in sorted(folder.rglob("*.safetensors")):
+        digest.update(f.read_bytes())
+    return f"{folder.parent.name}/{folder.name}@{digest.hexdigest()[:12]}"
+
+
+def model_encoder(refrag_folder: Path, encoder: str) -> tuple[str, str | None]:
+    """(what to load, fingerprint name) for a REFRAG model folder's chunk encoder: its own tuned `encoder/` folder
+    when `encoder` names one inside it, else a registered embedder (name None: the registered name)."""
+    own = refrag_folder / encoder
+    if encoder == ENCODER_DIR and own.is_dir():
+        return str(own), tuned_encoder_name(own)
+    return encoder, None
 
 
 def block_spans(n_tokens: int, k: int) -> list[tuple[int, int]]:
@@ -145,14 +191,25 @@ def encode_blocks(texts: Sequence[str], k: int = 16, *, encoder: BlockEncoder) -
 
 
 def load_block_encoder(*, home: str | Path, backbone: str = "smollm2-135m-instruct",
-                       encoder: str = "all-minilm-l6-v2", device: str = "cpu") -> BlockEncoder:
-    """A BlockEncoder without loading decoder weights: the tokenizer comes from the backbone cache (or the source)."""
+                       encoder: str = "all-minilm-l6-v2", device: str = "cpu",
+                       refrag_model: str | None = None) -> BlockEncoder:
+    """A BlockEncoder without loading decoder weights: the tokenizer comes from the backbone cache (or the source).
+    `refrag_model` (a shipped name or folder): use that model's backbone and chunk encoder (its own tuned one if it
+    has it), so stored vectors match what the model answers with."""
     from sieve.backbone.config import ModelArgs
     from sieve.backbone.loader import cache_dir_for
     from sieve.backbone.tokenizer import tokenizer_from_gguf, tokenizer_from_hf_folder
 
     from sieve.registry import resolve_backbone
 
+    name = None
+    if refrag_model is not None:
+        from .model_dir import RefragConfig, resolve_refrag
+
+        folder = resolve_refrag(refrag_model)
+        cfg = RefragConfig.load(folder)
+        backbone = cfg.backbone
+        encoder, name = model_encoder(folder, cfg.encoder)
     source = resolve_backbone(backbone)
     if source.is_dir():
         args = ModelArgs.from_hf_config(json.loads((source / "config.json").read_text()))
@@ -160,4 +217,4 @@ def load_block_encoder(*, home: str | Path, backbone: str = "smollm2-135m-instru
     else:
         cached = cache_dir_for(source, Path(home).expanduser())
         tokenizer = Tokenizer.load(cached) if (cached / "manifest.json").is_file() else tokenizer_from_gguf(source)
-    return BlockEncoder(tokenizer, load_chunk_encoder(encoder, device=device))
+    return BlockEncoder(tokenizer, load_chunk_encoder(encoder, device=device, name=name))

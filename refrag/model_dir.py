@@ -4,6 +4,7 @@
     projector.safetensors   the 2-layer MLP (fc1.weight/bias, fc2.weight/bias)
     policy.safetensors      optional learned expansion policy (PolicyScorer)
     adapter.safetensors     optional decoder LoRA (task tuning), merged at load into a private copy of the decoder
+    encoder/                optional tuned chunk encoder (sentence-transformers folder; `encoder` = "encoder")
     train_log.json, README.md (the model card)
 
 Shipped folders live in `refrag/models/<name>/` (package data): `refrag-k16` is the default.
@@ -93,13 +94,13 @@ def load_refrag(name_or_path: str | Path = DEFAULT, *, home: str | Path, device:
                 backbone=None, encoder=None):
     """Load a REFRAG folder into a `Refrag`. `backbone`: reuse an already loaded one (a folder with a LoRA adapter
     merges it into a private copy of the decoder, so other users of the backbone are unaffected). `encoder`: reuse a
-    loaded chunk encoder."""
+    loaded chunk encoder (ignored when the folder has its own tuned one)."""
     from safetensors.torch import load_file
     from sieve.backbone import load_backbone
 
     from sieve.registry import resolve_backbone
 
-    from .encoder import load_chunk_encoder
+    from .encoder import load_chunk_encoder, model_encoder
     from .model import Refrag
 
     folder = resolve_refrag(str(name_or_path))
@@ -112,6 +113,8 @@ def load_refrag(name_or_path: str | Path = DEFAULT, *, home: str | Path, device:
     if cfg.lora_r:
         model = copy.deepcopy(model)
         merge_lora(model, load_file(str(folder / ADAPTER)), cfg.lora_alpha / cfg.lora_r)
-    encoder = encoder or load_chunk_encoder(cfg.encoder, device=str(backbone.device))
+    source, name = model_encoder(folder, cfg.encoder)
+    if name is not None or encoder is None:
+        encoder = load_chunk_encoder(source, device=str(backbone.device), name=name)
     projector, scorer = load_parts(folder, cfg, backbone.device)
     return Refrag(model, backbone.tokenizer, encoder, projector, k=cfg.k, scorer=scorer, name=folder.name)

@@ -14,8 +14,11 @@ Stages (any subset, in this order):
 - "policy" the learned expansion policy: for LM windows, the decoder's loss gain from expanding each block alone
            (all others compressed) is the label; `PolicyScorer` fits it with a listwise softmax loss.
 
-Why the chunk encoder stays frozen: index-time block vectors (workers) then never go stale when a projector is
-retrained, and CPU training skips the encoder's backward. The paper trains it too; that is left for GPU runs.
+The chunk encoder is frozen by default: index-time block vectors (workers) then never go stale when a projector is
+retrained, and training skips the encoder's backward. `tune_encoder` trains it with the projector in "recon" and
+"cpt", as the paper does; the model folder then carries its own encoder (`encoder/`, its own fingerprint), and
+workers that precompute for that model use it. `init` starts from another model folder's projector, policy, decoder
+LoRA and (tuned) encoder instead of from scratch.
 """
 
 from __future__ import annotations
@@ -61,6 +64,9 @@ class TrainConfig:
     cpt_target_tokens: int = 64
     cpt_lora: bool = False
     expand_max: float = 0.25
+    tune_encoder: bool = False  # train the chunk encoder too (recon, cpt), at encoder_lr
+    encoder_lr: float = 5e-5
+    init: Path | None = None  # start from this model folder's weights (same k, shapes)
     sft_steps: int = 100
     sft_docs: int = 5
     lora_r: int = 8
@@ -148,7 +154,8 @@ def train(cfg: TrainConfig, *, home: Path, device: str = "auto", progress: bool 
     from sieve.registry import resolve_backbone
 
     from .data import TokenSampler, nq_train, text_sources
-    from .encoder import load_chunk_encoder
+    from .encoder import ENCODER_DIR, load_chunk_encoder, model_encoder
+    from .model_dir import load_parts, resolve_refrag
 
     bad = [s for s in cfg.stages if s not in STAGES]
     if bad:
@@ -160,22 +167,44 @@ def train(cfg: TrainConfig, *, home: Path, device: str = "auto", progress: bool 
     t_start = time.perf_counter()
     backbone = load_backbone(resolve_backbone(cfg.backbone), home=home, device=device, dtype="float32")
     dev = backbone.device
-    encoder = load_chunk_encoder(cfg.encoder, device=str(dev))
+    init = init_cfg = None
+    if cfg.init is not None:
+        init = resolve_refrag(str(cfg.init))
+        init_cfg = RefragConfig.load(init)
+        if (init_cfg.k, init_cfg.backbone, init_cfg.projector_hidden) != (cfg.k, cfg.backbone, cfg.projector_hidden):
+            raise ValueError(f"--init {init.name} has k={init_cfg.k}, backbone {init_cfg.backbone}, projector hidden "
+                             f"{init_cfg.projector_hidden}; this run asks for k={cfg.k}, {cfg.backbone}, "
+                             f"{cfg.projector_hidden}")
+        cfg.encoder = init_cfg.encoder
+    source, _ = model_encoder(init, cfg.encoder) if init else (cfg.encoder, None)
+    encoder = load_chunk_encoder(source, device=str(dev))
+    if cfg.tune_encoder:
+        encoder.set_trainable(True)
     emb_rms = float(backbone.model.tok_embeddings.weight.float().pow(2).mean().sqrt())
     projector = Projector(encoder.dim, backbone.args.dim, cfg.projector_hidden, emb_rms).to(dev)
     scorer = PolicyScorer(encoder.dim, cfg.policy_hidden).to(dev)
+    init_policy = False
+    if init is not None:
+        init_projector, init_scorer = load_parts(init, init_cfg, dev)
+        projector.load_state_dict(init_projector.state_dict())
+        if init_scorer is not None and init_cfg.policy_hidden == cfg.policy_hidden:
+            scorer.load_state_dict(init_scorer.state_dict())
+            init_policy = True
     refrag = Refrag(backbone.model, backbone.tokenizer, encoder, projector, k=cfg.k, scorer=scorer)
     amp = torch.autocast(device_type=dev.type, dtype=getattr(torch, cfg.dtype), enabled=cfg.dtype != "float32")
     sampler = TokenSampler(backbone.tokenizer, text_sources(cfg.data_root), cfg.sources, seed=cfg.seed)
     rng = random.Random(cfg.seed + 1)
 
-    uses_lora = "sft" in stages or (cfg.cpt_lora and "cpt" in stages)
+    uses_lora = "sft" in stages or (cfg.cpt_lora and "cpt" in stages) or bool(init_cfg and init_cfg.lora_r)
     if uses_lora:
         inject_adapter_in_model(LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=LORA_TARGETS,
                                            lora_dropout=0.0), backbone.model)
         for p in backbone.model.parameters():
             p.requires_grad_(False)
+        if init is not None and init_cfg.lora_r:
+            _load_lora(backbone.model, init / ADAPTER, init_cfg, cfg)
     lora_params = [p for n, p in backbone.model.named_parameters() if "lora_" in n]
+    encoder_params = list(encoder.parameters()) if cfg.tune_encoder else []
 
     ckpt = cfg.out / "checkpoint.pt"
     state = torch.load(ckpt, weights_only=False) if ckpt.is_file() else None
@@ -186,6 +215,8 @@ def train(cfg: TrainConfig, *, home: Path, device: str = "auto", progress: bool 
         scorer.load_state_dict(state["scorer"])
         if lora_params:
             backbone.model.load_state_dict(state["lora"], strict=False)
+        if encoder_params and state.get("encoder"):
+            encoder.model.load_state_dict(state["encoder"])
         sampler.rng.setstate(state["sampler_rng"])
         rng.setstate(state["rng"])
         torch.set_rng_state(state["torch_rng"])
@@ -195,6 +226,7 @@ def train(cfg: TrainConfig, *, home: Path, device: str = "auto", progress: bool 
                     "scorer": scorer.state_dict(), "optimizer": opt.state_dict() if opt else None,
                     "scheduler": sched.state_dict() if sched else None,
                     "lora": {n: p.detach().clone() for n, p in backbone.model.named_parameters() if "lora_" in n},
+                    "encoder": encoder.model.state_dict() if encoder_params else None,
                     "history": history, "sampler_rng": sampler.rng.getstate(), "rng": rng.getstate(),
                     "torch_rng": torch.get_rng_state()}, ckpt.with_suffix(".tmp"))
         ckpt.with_suffix(".tmp").replace(ckpt)
@@ -213,6 +245,8 @@ def train(cfg: TrainConfig, *, home: Path, device: str = "auto", progress: bool 
                 continue
             steps = {"recon": cfg.recon_steps, "cpt": cfg.cpt_steps, "sft": cfg.sft_steps}[stage]
             groups = [{"params": list(projector.parameters()), "lr": cfg.lr}]
+            if encoder_params and stage in ("recon", "cpt"):  # the paper tunes the encoder in both
+                groups.append({"params": encoder_params, "lr": cfg.encoder_lr})
             if stage == "sft" or (stage == "cpt" and cfg.cpt_lora):
                 for p in lora_params:
                     p.requires_grad_(True)
@@ -223,7 +257,7 @@ def train(cfg: TrainConfig, *, home: Path, device: str = "auto", progress: bool 
             params = [p for g in groups for p in g["params"]]
             opt = torch.optim.AdamW(groups, weight_decay=0.0)
             sched = torch.optim.lr_scheduler.LambdaLR(
-                opt, lambda s, n=steps: min(1.0, (s + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * s / n)))
+                opt, lambda s, n=max(steps, 1): min(1.0, (s + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * s / n)))
             start = 0
             if state and state["stage"] == stage and state["optimizer"] is not None:
                 opt.load_state_dict(state["optimizer"])
@@ -257,17 +291,23 @@ def train(cfg: TrainConfig, *, home: Path, device: str = "auto", progress: bool 
     projector.eval().requires_grad_(False)
     for p in lora_params:
         p.requires_grad_(False)
+    own_encoder = bool(encoder_params) or (init is not None and init_cfg.encoder == ENCODER_DIR)
+    if encoder_params:
+        encoder.set_trainable(False)
+    if own_encoder:
+        encoder.save(cfg.out / ENCODER_DIR)
     val = validate(refrag, cfg) if cfg.val_windows else {}
     # -- the model folder
     save_file({k: v.float().contiguous().cpu() for k, v in projector.state_dict().items()}, str(cfg.out / PROJECTOR))
-    has_policy = "policy" in done
+    has_policy = "policy" in done or init_policy
     if has_policy:
         save_file({k: v.float().contiguous().cpu() for k, v in scorer.state_dict().items()}, str(cfg.out / POLICY))
     if lora_params:
         from .model_dir import lora_state
 
         save_file(lora_state(backbone.model), str(cfg.out / ADAPTER))
-    RefragConfig(backbone=cfg.backbone, encoder=cfg.encoder, k=cfg.k, encoder_dim=encoder.dim, dim=backbone.args.dim,
+    RefragConfig(backbone=cfg.backbone, encoder=ENCODER_DIR if own_encoder else cfg.encoder, k=cfg.k,
+                 encoder_dim=encoder.dim, dim=backbone.args.dim,
                  projector_hidden=cfg.projector_hidden, policy_hidden=cfg.policy_hidden if has_policy else 0,
                  lora_r=cfg.lora_r if lora_params else 0,
                  lora_alpha=cfg.lora_alpha if lora_params else 0.0).save(cfg.out)
@@ -277,6 +317,22 @@ def train(cfg: TrainConfig, *, home: Path, device: str = "auto", progress: bool 
                "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()}}
     (cfg.out / "train_log.json").write_text(json.dumps({"summary": summary, "history": history}, indent=1))
     return summary
+
+
+def _load_lora(model: torch.nn.Module, path: Path, init_cfg, cfg: TrainConfig) -> None:
+    """An adapter file (our `x.lora_A` names) into a peft-injected model (`x.lora_A.default.weight`)."""
+    from safetensors.torch import load_file
+
+    if (init_cfg.lora_r, init_cfg.lora_alpha) != (cfg.lora_r, cfg.lora_alpha):
+        raise ValueError(f"--init has LoRA r={init_cfg.lora_r}, alpha={init_cfg.lora_alpha}; this run asks for "
+                         f"r={cfg.lora_r}, alpha={cfg.lora_alpha}")
+    params = dict(model.named_parameters())
+    for key, value in load_file(str(path)).items():
+        name = f"{key}.default.weight"
+        if name not in params:
+            raise KeyError(f"--init adapter has {key}, which this model's LoRA does not")
+        with torch.no_grad():
+            params[name].copy_(value.to(params[name].device, params[name].dtype))
 
 
 def _device(dev: torch.device) -> str:
@@ -322,7 +378,7 @@ def _train_policy(refrag: Refrag, sampler, cfg: TrainConfig, bar, history: list[
     for _ in range(cfg.policy_examples):
         layout, _, n_target = cpt_example(refrag, sampler, cfg, rng)
         _, gains = expansion_gains(refrag, layout, n_target)
-        vectors = torch.stack([b.vector for b in layout.blocks])
+        vectors = torch.stack([b.vector for b in layout.blocks]).detach()  # the encoder may be training
         data.append((vectors[-1], vectors, gains))
         bar.update(task, advance=1)
     n_val = max(1, len(data) // 4)

@@ -111,7 +111,7 @@ def index(
         ctx = WorkerContext(engine=engine, index_root=settings.index_path(), model_home=settings.home / "cache",
                             chunk_tokens=settings.chunk_tokens, chunk_overlap=settings.chunk_overlap,
                             lease_s=settings.job_lease_s, device=settings.device, dtype=settings.dtype,
-                            refrag_ks=settings.refrag_blocks)
+                            refrag_ks=settings.refrag_blocks, refrag_model=settings.refrag)
         enqueue = lambda job_id, n: None  # noqa: E731 -- drained below, in this process
     else:
         enqueue = None

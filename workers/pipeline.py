@@ -54,6 +54,7 @@ class WorkerContext:
     device: str = "auto"
     dtype: str = "auto"
     refrag_ks: tuple[int, ...] = ()  # precompute REFRAG block encodings of every chunk at each of these k (): off
+    refrag_model: str | None = None  # whose chunk encoder makes them (its own tuned one if it has it); None: MiniLM
     embedders: dict[str, Any] = field(default_factory=dict)
     writer: IndexWriter | None = None
     block_encoder: Any = None
@@ -78,7 +79,8 @@ class WorkerContext:
             from sieve.refrag.encoder import load_block_encoder
 
             device = str(resolve_device(self.device))  # "auto" -> cuda or cpu: the encoder takes a real device
-            self.block_encoder = load_block_encoder(home=self.model_home, device=device)
+            self.block_encoder = load_block_encoder(home=self.model_home, device=device,
+                                                    refrag_model=self.refrag_model)
         return self.block_encoder
 
 

@@ -46,6 +46,7 @@ def context() -> pipeline.WorkerContext:
                 model_home=settings.home / "cache", chunk_tokens=settings.chunk_tokens,
                 chunk_overlap=settings.chunk_overlap, lease_s=settings.job_lease_s, device=settings.device,
                 dtype=settings.dtype, refrag_ks=settings.refrag_blocks,
+                refrag_model=settings.refrag,
             )
         return _ctx
 

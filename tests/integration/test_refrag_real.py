@@ -1,6 +1,8 @@
 """REFRAG on the real SmolLM2 + all-MiniLM-L6-v2 with the shipped refrag-k16 projector: expand-all is the token
 path, the compressed prompt is ~k times shorter, answers stream, index-time encodings equal request-time ones."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from sieve.backbone import generate
@@ -111,3 +113,38 @@ def test_shipped_models_use_their_own_block_size(smollm2, sieve_home, name, k, p
     else:
         with pytest.raises(ValueError, match="learned"):
             Answerer(r).stream(q, PASSAGES, expansion=0.5, policy="learned")
+
+
+def test_init_from_a_shipped_model_and_a_tuned_encoder_ship_with_the_folder(tmp_path, sieve_home, smollm2):
+    """--init refrag-k16: zero steps give back its projector, LoRA and policy; --tune-encoder saves the changed
+    encoder in the folder, which then loads with its own fingerprint, and workers precomputing for that model
+    (load_block_encoder(refrag_model=...)) make the vectors the model answers with."""
+    from safetensors.torch import load_file
+    from sieve.refrag import train as train_mod
+    from sieve.refrag.model_dir import ADAPTER, POLICY, PROJECTOR, RefragConfig, resolve_refrag
+
+    from sieve.settings import Settings
+
+    shipped = resolve_refrag("refrag-k16")
+    common = dict(data_root=Settings().data_path(), batch_size=1, recon_max_blocks=1, val_windows=0,
+                  cpt_context_tokens=32, cpt_target_tokens=8, init=Path("refrag-k16"))
+    copy = train_mod.TrainConfig(out=tmp_path / "copy", stages=["recon"], recon_steps=0, **common)
+    train_mod.train(copy, home=sieve_home, device="cpu", progress=False)
+    for f in (PROJECTOR, ADAPTER, POLICY):
+        a, b = load_file(str(copy.out / f)), load_file(str(shipped / f))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
+    assert RefragConfig.load(copy.out).encoder == "all-minilm-l6-v2" and not (copy.out / "encoder").exists()
+
+    tuned = train_mod.TrainConfig(out=tmp_path / "tuned", stages=["recon", "cpt"], recon_steps=2, cpt_steps=1,
+                                  cpt_lora=True, tune_encoder=True, encoder_lr=1e-3, **common)
+    train_mod.train(tuned, home=sieve_home, device="cpu", progress=False)
+    assert RefragConfig.load(tuned.out).encoder == "encoder"
+    stock, own = load_refrag("refrag-k16", home=sieve_home, backbone=smollm2), \
+        load_refrag(tuned.out, home=sieve_home, backbone=smollm2)
+    assert own.blocks.fingerprint != stock.blocks.fingerprint and own.blocks.fingerprint.startswith("tuned/encoder@")
+    a, b = stock.encode(PASSAGES)[0].vectors, own.encode(PASSAGES)[0].vectors
+    assert a.shape == b.shape and not torch.allclose(a, b, atol=1e-4)  # the encoder moved
+    indexer = load_block_encoder(home=sieve_home, refrag_model=str(tuned.out))
+    assert indexer.fingerprint == own.blocks.fingerprint
+    torch.testing.assert_close(indexer.encode_blocks(PASSAGES, 16)[0].vectors, b)
+    assert load_block_encoder(home=sieve_home, refrag_model="refrag-k16").fingerprint == stock.blocks.fingerprint

@@ -211,3 +211,26 @@ def test_nq_eval_rows_score_each_system_on_every_question(refrag, tmp_path, monk
     shown = {(r["mode"], r.get("decoder")): r for r in ev.nq_rows(lambda k: refrag, cfg, console=console, plain=refrag)}
     assert shown == rows
     assert "nq-open 2 docs" in console.file.getvalue()
+
+
+def test_a_tuned_chunk_encoder_gets_gradients_and_a_frozen_one_builds_no_graph(backbone):  # noqa: F811
+    """--tune-encoder: the real MiniLM's `embed` runs with autograd only while training, gives the same vectors as
+    inference, and the decoder's loss reaches its weights through the projector."""
+    from sieve.refrag.encoder import load_chunk_encoder
+
+    enc = load_chunk_encoder("all-minilm-l6-v2")
+    texts = ["the heart pumps blood", "aspirin thins the blood"]
+    frozen = enc.embed(texts)
+    assert not frozen.requires_grad and not any(p.requires_grad for p in enc.parameters())
+    enc.set_trainable(True)
+    tuned = enc.embed(texts)
+    assert tuned.requires_grad
+    assert_close(tuned.detach(), frozen, atol=1e-5, rtol=0)
+    with torch.no_grad():
+        assert not enc.embed(texts).requires_grad  # evaluation inside training builds no graph
+    r = Refrag(backbone.model, backbone.tokenizer, enc, Projector(enc.dim, backbone.args.dim, 32, 0.08), k=4)
+    layout = r.lm_layout(r.encode_ids([list(range(5, 21))])[0], list(range(30, 36)))
+    lm_loss(r, [(layout, set(), 6)], OFF).backward()
+    assert sum(float(p.grad.abs().sum()) for p in enc.parameters() if p.grad is not None) > 0
+    enc.set_trainable(False)
+    assert not enc.embed(texts).requires_grad and not any(p.requires_grad for p in enc.parameters())

@@ -425,6 +425,27 @@ def test_search_with_rerank_and_answer_from_a_collection(server, embedder, reran
         assert {x.document_id for x in filtered.citations} == {"gene"}  # (its chunks)
 
 
+def test_blocks_stored_by_another_encoder_are_not_used_and_the_text_is_encoded(server, embedder,  # noqa: F811
+                                                                                 refrag):
+    """A model with its own (tuned) chunk encoder has another fingerprint: vectors workers stored with a different
+    encoder must not enter its decoder; Answer encodes those chunks' text instead, and answers as from texts."""
+    from sieve.refrag.encoder import BlockEncoder
+
+    class Renamed(HashEncoder):
+        name = "hash-16-tuned"
+
+    other = BlockEncoder(refrag.tokenizer, Renamed())
+    assert other.fingerprint != refrag.blocks.fingerprint
+    with server.client() as c:
+        c.create_collection("docs")
+        _index(server, embedder, type("R", (), {"blocks": other})())
+        stream = c.answer("heart attack risk", collection="docs", k=2, max_new_tokens=5)
+        got = stream.read()
+        assert stream.usage.precomputed_passages == 0
+        texts = [x.text for x in stream.citations]
+        assert got == "".join(Answerer(refrag).stream("heart attack risk", texts, max_new_tokens=5))
+
+
 def test_answer_and_rerank_scopes(tmp_path, embedder, reranker, answerer):  # noqa: F811
     from sieve.service.auth import create_key
 
