@@ -48,7 +48,7 @@ class SentenceTransformerChunkEncoder:
         from sentence_transformers import SentenceTransformer
 
         self.name = name
-        self.model = SentenceTransformer(str(folder), device=device)
+        self.model = SentenceTransformer(str(folder), device=device).float()  # a tuned encoder is stored in float16
         dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
         self.dim = int(dim())
         self.batch_size = batch_size
@@ -65,13 +65,16 @@ class SentenceTransformerChunkEncoder:
         return self.model.parameters()
 
     def save(self, folder: str | Path) -> None:
-        self.model.save(str(folder))
+        """A sentence-transformers folder with float16 weights (half the size; loading casts back to float32)."""
+        import copy
+
+        copy.deepcopy(self.model).half().save(str(folder))
 
     def embed(self, texts: Sequence[str]) -> torch.Tensor:
         if not texts:
             return torch.zeros(0, self.dim)
         if self.trainable and torch.is_grad_enabled():
-            features = self.model.tokenize(list(texts))
+            features = self.model.preprocess(list(texts))
             device = next(self.model.parameters()).device
             features = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in features.items()}
             return self.model(features)["sentence_embedding"].float()
