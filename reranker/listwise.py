@@ -80,13 +80,22 @@ def sliding_windows(n: int, window: int = 20, stride: int = 10) -> list[tuple[in
         start -= stride
 
 
+LIKELIHOOD_CAPS = ("list", "passage")
+
+
 class Reranker:
     def __init__(self, backbone: Backbone, *, name: str = "sieve-rank", template: PromptTemplate = RANKGPT,
                  max_passage_tokens: int = 256, max_query_tokens: int = 128, min_passage_tokens: int = 8,
                  window: int = 20, stride: int = 10, jump_forward: bool = True, speculative: bool = True,
                  prefill_mode: str = "causal", mode: str = "full", fuse: bool = False,
-                 inline_window: int | None = None):
+                 inline_window: int | None = None, likelihood_cap: str = "list"):
         self.backbone, self.name = backbone, name
+        if likelihood_cap not in LIKELIHOOD_CAPS:
+            raise ValueError(f"likelihood_cap must be one of {', '.join(LIKELIHOOD_CAPS)}, got {likelihood_cap!r}")
+        # likelihood mode reads each passage in its own sequence: "list" cuts passages to the cap a one-pass prompt
+        # of the same list gets (every mode reads the same text), "passage" to max_passage_tokens (more text, more
+        # compute on long lists)
+        self.likelihood_cap = likelihood_cap
         # what rank() does when a call does not say (the model card's advice)
         self.mode, self.fuse = _check_mode(mode), fuse
         if inline_window is not None and inline_window < 1:
@@ -163,14 +172,17 @@ class Reranker:
 
     def _likelihood(self, query: str, p_ids: list[list[int]], stats: RankStats) -> list[float]:
         """Query-likelihood scores [n]: passages cut to the per-passage cap a one-pass prompt of this list would
-        get (at most `max_passage_tokens`), so every mode reads the same amount of text."""
+        get (at most `max_passage_tokens`), so every mode reads the same amount of text; with likelihood_cap
+        "passage", to `max_passage_tokens`."""
         tok = self.backbone.tokenizer
         prompt = LikelihoodPrompt.build(tok, query, self.prompts.max_query_tokens,
                                         passage_lead=self.prompts.passage_lead)
-        try:
-            cap = self.prompts.build(query, p_ids).passage_cap
-        except PromptTooLong:  # more passages than one prompt holds: each sequence is short anyway
-            cap = self.prompts.max_passage_tokens
+        cap = self.prompts.max_passage_tokens
+        if self.likelihood_cap == "list":
+            try:
+                cap = self.prompts.build(query, p_ids).passage_cap
+            except PromptTooLong:  # more passages than one prompt holds: each sequence is short anyway
+                pass
         scores, tokens, forwards = likelihood_scores(self.backbone.model, prompt, [p[:cap] for p in p_ids],
                                                      pad_id=tok.pad_id or 0)
         stats.prompt_tokens += tokens

@@ -40,6 +40,7 @@ class RerankerConfig:
     mode: str = "full"  # how the model ranks when a call does not say (Rerank's UNSPECIFIED, Search(rerank))
     fuse: bool = False  # ... and whether it fuses its order with the first stage's (RRF) by default
     inline_window: int | None = None  # inline mode: passages per prompt (None: all in one)
+    likelihood_cap: str = "list"  # likelihood mode: "list" (the one-pass prompt's per-passage cap) or "passage"
 
     def save(self, folder: Path) -> None:
         (folder / CONFIG).write_text(json.dumps(dataclasses.asdict(self), indent=1) + "\n")
@@ -77,7 +78,7 @@ def reranker_from_config(backbone, cfg: RerankerConfig, *, name: str):
     return Reranker(backbone, name=name, template=TEMPLATES[cfg.template], max_passage_tokens=cfg.max_passage_tokens,
                     max_query_tokens=cfg.max_query_tokens, min_passage_tokens=cfg.min_passage_tokens,
                     window=cfg.window, stride=cfg.stride, mode=cfg.mode, fuse=cfg.fuse,
-                    inline_window=cfg.inline_window)
+                    inline_window=cfg.inline_window, likelihood_cap=cfg.likelihood_cap)
 
 
 def load_reranker(name_or_path: str | Path = DEFAULT, *, home: str | Path, device: str = "auto",

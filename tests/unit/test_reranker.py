@@ -463,3 +463,23 @@ def test_likelihood_mode_reads_the_query(reranker):
     assert fused.fused and len(fused.order) == 2
     with pytest.raises(ValueError, match="empty"):
         reranker.rank("   ", ps, mode="likelihood")
+
+
+def test_likelihood_cap_passage_reads_each_passage_up_to_max_passage_tokens(backbone):
+    """"list" cuts passages to the one-pass prompt's cap for this many passages; "passage" only to
+    max_passage_tokens, since each passage is its own sequence: the scores are those of the passages cut there."""
+    from sieve.reranker.likelihood import LikelihoodPrompt, likelihood_scores
+
+    long = [" ".join(WORDS[i % 9:] + WORDS[:i % 9]) * 4 + f" {i}" for i in range(100)]  # the one prompt is tight
+    by_list = Reranker(backbone, max_passage_tokens=64)
+    by_passage = Reranker(backbone, max_passage_tokens=64, likelihood_cap="passage")
+    a = by_list.rank("aspirin heart risk", long, mode="likelihood")
+    b = by_passage.rank("aspirin heart risk", long, mode="likelihood")
+    assert a.stats.passage_cap < 64 == b.stats.passage_cap
+    ids = by_passage.prompts.passage_ids(long)
+    prompt = LikelihoodPrompt.build(backbone.tokenizer, "aspirin heart risk", 128,
+                                    passage_lead=by_passage.prompts.passage_lead)
+    want, _, _ = likelihood_scores(backbone.model, prompt, [p[:64] for p in ids], pad_id=backbone.tokenizer.pad_id or 0)
+    assert_close(torch.tensor([dict(zip(b.order, b.scores))[i] for i in range(100)]), want, atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="likelihood_cap"):
+        Reranker(backbone, likelihood_cap="all")
