@@ -48,7 +48,8 @@ class SentenceTransformerChunkEncoder:
         from sentence_transformers import SentenceTransformer
 
         self.name = name
-        self.model = SentenceTransformer(str(folder), device=device).float()  # a tuned encoder is stored in float16
+        # a tuned encoder is stored in float16: load it as float32
+        self.model = SentenceTransformer(str(folder), device=device, model_kwargs={"dtype": torch.float32}).float()
         dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
         self.dim = int(dim())
         self.batch_size = batch_size
