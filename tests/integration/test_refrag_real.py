@@ -48,9 +48,10 @@ def test_index_time_encodings_match_and_survive_storage(refrag, sieve_home):
         assert a.spans == b.spans and a.encoder == b.encoder
         torch.testing.assert_close(a.vectors, b.vectors, atol=2e-3, rtol=0)
     q = "who wrote the first declaration of human rights"
-    with torch.no_grad():  # float16 storage moves the decoder input by float16 rounding only
+    with torch.no_grad():  # float16 storage moves the decoder input by float16 rounding only (through the
+        # projector: about 1% of the token embeddings' RMS of 0.136 at most; another block's vector is ~0.1 away)
         a, b = refrag.embed(refrag.qa_layout(q, restored)), refrag.embed(refrag.qa_layout(q, fresh))
-    torch.testing.assert_close(a, b, atol=1e-3, rtol=0)
+    torch.testing.assert_close(a, b, atol=2e-3, rtol=1e-3)
     assert "".join(Answerer(refrag).stream(q, restored, max_new_tokens=6)).strip()
 
 
