@@ -18,6 +18,23 @@ def lora_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def load_lora_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """The inverse of `lora_state`: our `x.lora_A` tensors into peft's `x.lora_A.default.weight` parameters (the
+    same r and targets, or a clear error)."""
+    params = dict(model.named_parameters())
+    wanted = {n for n in params if ".lora_A." in n or ".lora_B." in n}
+    names = {f"{key}.default.weight": key for key in state}
+    if set(names) != wanted:
+        raise ValueError(f"the adapter's {len(state)} LoRA tensors do not match this model's {len(wanted)} "
+                         "(different targets or layers)")
+    with torch.no_grad():
+        for name, key in names.items():
+            if params[name].shape != state[key].shape:
+                raise ValueError(f"{key}: adapter {tuple(state[key].shape)} vs model {tuple(params[name].shape)} "
+                                 "(a different LoRA r?)")
+            params[name].copy_(state[key])
+
+
 def merge_lora(model: nn.Module, adapter: dict[str, torch.Tensor], scale: float) -> int:
     """W <- W + scale * B @ A for every adapted linear, on the weight's device; returns how many were merged."""
     modules = dict(model.named_modules())

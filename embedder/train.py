@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sieve.backbone.lora import lora_state
+from sieve.backbone.lora import load_lora_state, lora_state
 
 from .batching import collate
 from .data import Pair, medquad_pairs, scifact_train_pairs
@@ -178,23 +178,6 @@ def calibrate_and_save(folder: Path, data_root: Path, *, home: Path, n: int = 25
     emb = load_embedder(folder, home=home, device="cpu", dtype="float32")
     emb.calibrate(texts)
     save_calibration(folder, emb.calibration)
-
-
-def load_lora_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """The inverse of `lora_state`: our `x.lora_A` tensors into peft's `x.lora_A.default.weight` parameters (the
-    same r and targets, or a clear error)."""
-    params = dict(model.named_parameters())
-    wanted = {n for n in params if ".lora_A." in n or ".lora_B." in n}
-    names = {f"{key}.default.weight": key for key in state}
-    if set(names) != wanted:
-        raise ValueError(f"the adapter's {len(state)} LoRA tensors do not match this model's {len(wanted)} "
-                         "(different targets or layers)")
-    with torch.no_grad():
-        for name, key in names.items():
-            if params[name].shape != state[key].shape:
-                raise ValueError(f"{key}: adapter {tuple(state[key].shape)} vs model {tuple(params[name].shape)} "
-                                 "(a different LoRA r?)")
-            params[name].copy_(state[key])
 
 
 def lora_state_dict_peft(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -320,19 +320,14 @@ def train(cfg: TrainConfig, *, home: Path, device: str = "auto", progress: bool 
 
 
 def _load_lora(model: torch.nn.Module, path: Path, init_cfg, cfg: TrainConfig) -> None:
-    """An adapter file (our `x.lora_A` names) into a peft-injected model (`x.lora_A.default.weight`)."""
+    """The --init folder's adapter into this run's peft-injected LoRA (same r and alpha, or a clear error)."""
     from safetensors.torch import load_file
+    from sieve.backbone.lora import load_lora_state
 
     if (init_cfg.lora_r, init_cfg.lora_alpha) != (cfg.lora_r, cfg.lora_alpha):
         raise ValueError(f"--init has LoRA r={init_cfg.lora_r}, alpha={init_cfg.lora_alpha}; this run asks for "
                          f"r={cfg.lora_r}, alpha={cfg.lora_alpha}")
-    params = dict(model.named_parameters())
-    for key, value in load_file(str(path)).items():
-        name = f"{key}.default.weight"
-        if name not in params:
-            raise KeyError(f"--init adapter has {key}, which this model's LoRA does not")
-        with torch.no_grad():
-            params[name].copy_(value.to(params[name].device, params[name].dtype))
+    load_lora_state(model, load_file(str(path)))
 
 
 def _device(dev: torch.device) -> str:

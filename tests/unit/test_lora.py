@@ -5,9 +5,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 from sieve.backbone import load_backbone
+from sieve.backbone.lora import load_lora_state, lora_state
 from sieve.embedder import load_embedder
 from sieve.embedder.model_dir import ADAPTER, LORA_TARGETS, EmbedderConfig
-from sieve.embedder.train import _embed, load_lora_state, lora_state
+from sieve.embedder.train import _embed
 
 from .tiny_files import write_tiny_gguf
 
