@@ -409,6 +409,7 @@ def test_shipped_reranker_folder_is_zero_shot_without_adapter():
         resolve_reranker("/no/such/folder")
     zero_shot = RerankerConfig.load(resolve_reranker("sieve-rank-likelihood"))  # the plain backbone, query likelihood
     assert (zero_shot.lora_r, zero_shot.mode, zero_shot.fuse) == (0, "likelihood", False)
+    assert zero_shot.likelihood_cap == "passage"  # SciFact depth 100: 0.6435 vs 0.5115 with the list's cap
     assert not (resolve_reranker("sieve-rank-likelihood") / "adapter.safetensors").exists()
 
 
