@@ -145,6 +145,8 @@ def train_refrag(
     cpt_lora: Annotated[bool, typer.Option(help="also tune a decoder LoRA in continued pre-training")] = False,
     sft_steps: int = 100,
     sft_docs: Annotated[int, typer.Option(help="passages per NQ training question (gold + BM25 distractors)")] = 5,
+    sft_lm_mix: Annotated[float, typer.Option(min=0.0, max=1.0, help=(
+        "sft: this fraction of each batch is continued-pretraining windows (replay, keeps language modelling)"))] = 0.0,
     expand_max: Annotated[float, typer.Option(help="cpt/sft: up to this fraction of blocks expanded at random")] = 0.25,
     policy_examples: int = 24,
     policy_epochs: int = 200,
@@ -166,8 +168,8 @@ def train_refrag(
     cfg = TrainConfig(out=out, data_root=data or settings.data_path(), stages=list(stage or ["recon", "cpt", "policy"]),
                       k=k, batch_size=batch_size, recon_steps=recon_steps, recon_max_blocks=recon_max_blocks,
                       cpt_steps=cpt_steps, cpt_context_tokens=cpt_context_tokens, cpt_target_tokens=cpt_target_tokens,
-                      cpt_lora=cpt_lora, sft_steps=sft_steps, sft_docs=sft_docs, expand_max=expand_max,
-                      policy_examples=policy_examples, policy_epochs=policy_epochs, lr=lr, lora_lr=lora_lr,
+                      cpt_lora=cpt_lora, sft_steps=sft_steps, sft_docs=sft_docs, sft_lm_mix=sft_lm_mix,
+                      expand_max=expand_max, policy_examples=policy_examples, policy_epochs=policy_epochs, lr=lr, lora_lr=lora_lr,
                       lora_r=lora_r, lora_alpha=2.0 * lora_r, dtype=dtype, seed=seed, tune_encoder=tune_encoder,
                       encoder_lr=encoder_lr, init=Path(init) if init else None)
     try:

@@ -11,6 +11,7 @@ Stages (any subset, in this order):
            (the paper tunes the decoder here; off by default so the decoder stays shared with embed / rank).
 - "sft"    task tuning: NQ-open oracle *train* portion, gold + BM25 distractor passages from the train portion's
            own pool, QA layout, loss on the answer + <|im_end|>. Projector + decoder LoRA (`sft_lora_r`).
+           `sft_lm_mix` of each batch can be continued-pretraining windows instead (replay against forgetting).
 - "policy" the learned expansion policy: for LM windows, the decoder's loss gain from expanding each block alone
            (all others compressed) is the label; `PolicyScorer` fits it with a listwise softmax loss.
 
@@ -69,6 +70,7 @@ class TrainConfig:
     init: Path | None = None  # start from this model folder's weights (same k, shapes)
     sft_steps: int = 100
     sft_docs: int = 5
+    sft_lm_mix: float = 0.0  # task tuning: this fraction of each batch is continued-pretraining windows (replay)
     lora_r: int = 8
     lora_alpha: float = 16.0
     policy_examples: int = 24
@@ -135,6 +137,13 @@ def sft_example(refrag: Refrag, ex, cfg: TrainConfig, rng: random.Random) -> tup
     answer = refrag.tokenizer.encode(ex.answers[0], add_bos=False) + refrag.tokenizer.eos_ids[:1]
     layout.segments.append(Segment(answer))
     return layout, random_expansion(len(layout.blocks), cfg.expand_max, rng), len(answer)
+
+
+def sft_batch(refrag: Refrag, nq: list, sampler, cfg: TrainConfig, rng: random.Random) -> list:
+    """One task-tuning batch: QA examples, each replaced with probability `sft_lm_mix` by a continued-pretraining
+    window (replay), so the decoder LoRA keeps its language modelling while it learns the QA layout."""
+    return [cpt_example(refrag, sampler, cfg, rng) if cfg.sft_lm_mix and rng.random() < cfg.sft_lm_mix
+            else sft_example(refrag, rng.choice(nq), cfg, rng) for _ in range(cfg.batch_size)]
 
 
 def recon_blocks(step: int, steps: int, max_blocks: int) -> int:
@@ -271,7 +280,7 @@ def train(cfg: TrainConfig, *, home: Path, device: str = "auto", progress: bool 
                 elif stage == "cpt":
                     batch = [cpt_example(refrag, sampler, cfg, rng) for _ in range(cfg.batch_size)]
                 else:
-                    batch = [sft_example(refrag, rng.choice(nq), cfg, rng) for _ in range(cfg.batch_size)]
+                    batch = sft_batch(refrag, nq, sampler, cfg, rng)
                 loss = lm_loss(refrag, batch, amp)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

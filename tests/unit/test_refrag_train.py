@@ -11,10 +11,10 @@ import torch.nn.functional as F
 from rich.console import Console
 from safetensors.torch import save_file
 from sieve.refrag import Projector, Refrag
-from sieve.refrag.data import detok_wikitext, exact_match, has_answer, with_retrieved
+from sieve.refrag.data import QAExample, TokenSampler, detok_wikitext, exact_match, has_answer, with_retrieved
 from sieve.refrag.model_dir import PROJECTOR, RefragConfig, load_parts
 from sieve.refrag.prompt import Layout, Segment
-from sieve.refrag.train import expansion_gains, lm_loss, random_expansion, recon_blocks
+from sieve.refrag.train import TrainConfig, expansion_gains, lm_loss, random_expansion, recon_blocks, sft_batch
 from torch.testing import assert_close
 
 from .test_refrag import HashEncoder, backbone, text  # noqa: F401  (backbone is a fixture)
@@ -70,6 +70,30 @@ def test_random_expansion_stays_within_the_fraction():
     rng = random.Random(0)
     sizes = [len(random_expansion(16, 0.25, rng)) for _ in range(200)]
     assert max(sizes) <= 4 and min(sizes) == 0 and len(set(sizes)) > 2
+
+
+def test_sft_batch_replays_lm_windows_at_the_asked_fraction(refrag, tmp_path):
+    nq = [QAExample("q1", "who wrote it", ["alpha"], [text(20, 5), text(20, 6)], [0])]
+    sampler = TokenSampler(refrag.tokenizer, {"wiki": [text(300, 7)]}, {"wiki": 1.0}, seed=0)
+    cfg = TrainConfig(out=tmp_path, data_root=tmp_path, k=4, batch_size=200, cpt_context_tokens=24, cpt_target_tokens=8)
+    answer = len(refrag.tokenizer.encode("alpha", add_bos=False)) + 1  # + the end token
+
+    def kinds(mix: float) -> list[str]:
+        cfg.sft_lm_mix = mix
+        batch = sft_batch(refrag, nq, sampler, cfg, random.Random(0))
+        out = []
+        for layout, expand, n_target in batch:
+            assert len(layout.segments[-1].token_ids) >= n_target and expand <= set(range(len(layout.blocks)))
+            out.append("lm" if (n_target, len(layout.blocks)) == (8, 6) else "qa" if n_target == answer else "?")
+        return out
+
+    assert set(kinds(0.0)) == {"qa"}
+    assert set(kinds(1.0)) == {"lm"}
+    mixed = kinds(0.5)
+    assert set(mixed) == {"lm", "qa"} and 70 <= mixed.count("lm") <= 130
+    assert lm_loss(refrag, sft_batch(refrag, nq, sampler, TrainConfig(
+        out=tmp_path, data_root=tmp_path, k=4, batch_size=4, sft_lm_mix=0.5, cpt_context_tokens=24,
+        cpt_target_tokens=8), random.Random(1)), OFF).isfinite()
 
 
 def test_expansion_gains_label_each_block(refrag):
