@@ -169,9 +169,9 @@ def train_refrag(
                       k=k, batch_size=batch_size, recon_steps=recon_steps, recon_max_blocks=recon_max_blocks,
                       cpt_steps=cpt_steps, cpt_context_tokens=cpt_context_tokens, cpt_target_tokens=cpt_target_tokens,
                       cpt_lora=cpt_lora, sft_steps=sft_steps, sft_docs=sft_docs, sft_lm_mix=sft_lm_mix,
-                      expand_max=expand_max, policy_examples=policy_examples, policy_epochs=policy_epochs, lr=lr, lora_lr=lora_lr,
-                      lora_r=lora_r, lora_alpha=2.0 * lora_r, dtype=dtype, seed=seed, tune_encoder=tune_encoder,
-                      encoder_lr=encoder_lr, init=Path(init) if init else None)
+                      expand_max=expand_max, policy_examples=policy_examples, policy_epochs=policy_epochs, lr=lr,
+                      lora_lr=lora_lr, lora_r=lora_r, lora_alpha=2.0 * lora_r, dtype=dtype, seed=seed,
+                      tune_encoder=tune_encoder, encoder_lr=encoder_lr, init=Path(init) if init else None)
     try:
         summary = train(cfg, home=settings.home / "cache", device=settings.device)
     except ValueError as e:
