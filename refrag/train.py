@@ -141,7 +141,8 @@ def sft_example(refrag: Refrag, ex, cfg: TrainConfig, rng: random.Random) -> tup
 
 def sft_batch(refrag: Refrag, nq: list, sampler, cfg: TrainConfig, rng: random.Random) -> list:
     """One task-tuning batch: QA examples, each replaced with probability `sft_lm_mix` by a continued-pretraining
-    window (replay), so the decoder LoRA keeps its language modelling while it learns the QA layout."""
+    window (replay), so the decoder LoRA keeps its language modelling while it learns the QA layout. At mix 0 no
+    random number is drawn for the choice, so earlier task-tuning runs replay exactly with the same seed."""
     return [cpt_example(refrag, sampler, cfg, rng) if cfg.sft_lm_mix and rng.random() < cfg.sft_lm_mix
             else sft_example(refrag, rng.choice(nq), cfg, rng) for _ in range(cfg.batch_size)]
 
