@@ -18,6 +18,17 @@ def lora_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The LoRA parameters peft injected into `model` (what a trainer optimises)."""
+    return [p for n, p in model.named_parameters() if "lora_" in n]
+
+
+def lora_checkpoint_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of the LoRA parameters under peft's own names, for a resumable checkpoint
+    (`model.load_state_dict(state, strict=False)` puts them back)."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+
+
 def load_lora_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """The inverse of `lora_state`: our `x.lora_A` tensors into peft's `x.lora_A.default.weight` parameters (the
     same r and targets, or a clear error)."""

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sieve.backbone.lora import load_lora_state, lora_state
+from sieve.backbone.lora import load_lora_state, lora_checkpoint_state, lora_parameters, lora_state
 
 from .batching import collate
 from .data import Pair, medquad_pairs, scifact_train_pairs
@@ -91,7 +91,7 @@ def train(cfg: TrainConfig, *, home: Path, device: str = "auto", progress: bool 
     model = inject_adapter_in_model(
         LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=LORA_TARGETS, lora_dropout=0.0),
         backbone.model)
-    params = [p for n, p in model.named_parameters() if "lora_" in n]
+    params = lora_parameters(model)
     for p in params:
         p.requires_grad_(True)
     encoder = LLMEncoder(backbone, name="sieve-embed", max_length=cfg.max_length, default_pooling=cfg.pooling)
@@ -150,7 +150,7 @@ def train(cfg: TrainConfig, *, home: Path, device: str = "auto", progress: bool 
             history.append({"step": step + 1, "loss": round(loss.item(), 5), "source": source})
             bar.update(task, advance=1, loss=loss.item())
             if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-                torch.save({"step": step + 1, "lora": lora_state_dict_peft(model), "optimizer": opt.state_dict(),
+                torch.save({"step": step + 1, "lora": lora_checkpoint_state(model), "optimizer": opt.state_dict(),
                             "scheduler": sched.state_dict(), "history": history, "py_rng": random.getstate(),
                             "torch_rng": torch.get_rng_state()}, ckpt.with_suffix(".tmp"))
                 ckpt.with_suffix(".tmp").replace(ckpt)
@@ -178,10 +178,6 @@ def calibrate_and_save(folder: Path, data_root: Path, *, home: Path, n: int = 25
     emb = load_embedder(folder, home=home, device="cpu", dtype="float32")
     emb.calibrate(texts)
     save_calibration(folder, emb.calibration)
-
-
-def lora_state_dict_peft(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
 
 
 def _embed(encoder: LLMEncoder, texts: list[str], instruction: str, max_len: int, pooling: str) -> torch.Tensor:

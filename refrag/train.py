@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from sieve.backbone.lora import lora_checkpoint_state, lora_parameters
 
 from .model import Refrag
 from .model_dir import ADAPTER, LORA_TARGETS, POLICY, PROJECTOR, RefragConfig
@@ -213,7 +214,7 @@ def train(cfg: TrainConfig, *, home: Path, device: str = "auto", progress: bool 
             p.requires_grad_(False)
         if init is not None and init_cfg.lora_r:
             _load_lora(backbone.model, init / ADAPTER, init_cfg, cfg)
-    lora_params = [p for n, p in backbone.model.named_parameters() if "lora_" in n]
+    lora_params = lora_parameters(backbone.model)
     encoder_params = list(encoder.parameters()) if cfg.tune_encoder else []
 
     ckpt = cfg.out / "checkpoint.pt"
@@ -235,7 +236,7 @@ def train(cfg: TrainConfig, *, home: Path, device: str = "auto", progress: bool 
         torch.save({"done": done, "stage": stage, "step": step, "projector": projector.state_dict(),
                     "scorer": scorer.state_dict(), "optimizer": opt.state_dict() if opt else None,
                     "scheduler": sched.state_dict() if sched else None,
-                    "lora": {n: p.detach().clone() for n, p in backbone.model.named_parameters() if "lora_" in n},
+                    "lora": lora_checkpoint_state(backbone.model),
                     "encoder": encoder.model.state_dict() if encoder_params else None,
                     "history": history, "sampler_rng": sampler.rng.getstate(), "rng": rng.getstate(),
                     "torch_rng": torch.get_rng_state()}, ckpt.with_suffix(".tmp"))

@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sieve.backbone.lora import lora_state
+from sieve.backbone.lora import lora_checkpoint_state, lora_parameters, lora_state
 
 from .data import CandidateLists, MixedLists, RankingExample, source_lists
 from .first import MODE, TreeLayout, inline_from_hidden, relevance_tokens, sequence_scores, tree_attention
@@ -252,7 +252,7 @@ def train_on(backbone, cfg: TrainConfig, lists, *, progress: bool, save, inject)
     """The loop, on an already loaded backbone (which gets LoRA layers injected)."""
     cfg.out.mkdir(parents=True, exist_ok=True)
     model = inject(backbone.model)
-    params = [p for n, p in model.named_parameters() if "lora_" in n]
+    params = lora_parameters(model)
     for p in params:
         p.requires_grad_(True)
     ids = IdTokens.from_tokenizer(backbone.tokenizer, max_id=cfg.n_max)
@@ -322,8 +322,7 @@ def train_on(backbone, cfg: TrainConfig, lists, *, progress: bool, save, inject)
                        foreign=_nan(history[-1]["foreign_rank"]))
             out_of_time = cfg.max_minutes is not None and time.perf_counter() - t0 > cfg.max_minutes * 60
             if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps or out_of_time:
-                torch.save({"step": step + 1, "lora": {n: p.detach().clone() for n, p in model.named_parameters()
-                                                       if "lora_" in n},
+                torch.save({"step": step + 1, "lora": lora_checkpoint_state(model),
                             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "history": history,
                             "rng": rng.getstate(), "torch_rng": torch.get_rng_state()}, ckpt.with_suffix(".tmp"))
                 ckpt.with_suffix(".tmp").replace(ckpt)

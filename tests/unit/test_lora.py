@@ -71,3 +71,35 @@ def test_saved_adapter_loads_back_for_further_training(tmp_path):
     assert torch.allclose(again(ids).logits, trained(ids).logits)
     with pytest.raises(ValueError, match="different LoRA r"):
         load_lora_state(fresh(2), saved)
+
+
+def test_checkpoint_state_is_a_detached_copy_that_resumes(tmp_path):
+    """`lora_checkpoint_state` (what the trainers' resumable checkpoints hold) names exactly the LoRA parameters
+    `lora_parameters` returns, does not move when training goes on, and puts a fresh model back where it was."""
+    from peft import LoraConfig, inject_adapter_in_model
+    from sieve.backbone.lora import lora_checkpoint_state, lora_parameters
+
+    gguf = tmp_path / "tiny.gguf"
+    write_tiny_gguf(gguf)
+    home = tmp_path / "home"
+
+    def fresh():
+        bb = load_backbone(gguf, home=home, device="cpu", dtype="float32")
+        return inject_adapter_in_model(LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS), bb.model)
+
+    model = fresh()
+    params = lora_parameters(model)
+    assert params and all(p.ndim == 2 for p in params)
+    with torch.no_grad():
+        for p in params:
+            p.normal_(0, 0.05)
+    state = lora_checkpoint_state(model)
+    assert len(state) == len(params) and all("lora_" in n for n in state)
+    before = {n: t.clone() for n, t in state.items()}
+    with torch.no_grad():
+        params[0].add_(1.0)  # training goes on after the checkpoint
+    assert all(torch.equal(state[n], before[n]) for n in state)
+    again = fresh()
+    missing, unexpected = again.load_state_dict(state, strict=False)
+    assert not unexpected and not any("lora_" in n for n in missing)
+    assert all(torch.equal(p, before[n]) for n, p in again.named_parameters() if "lora_" in n)
