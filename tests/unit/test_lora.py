@@ -47,15 +47,7 @@ def test_saved_adapter_merges_to_the_trained_model(tmp_path):
 
 def test_saved_adapter_loads_back_for_further_training(tmp_path):
     """`--init-adapter`: a shipped adapter goes back into a fresh peft model exactly; a different r is refused."""
-    from peft import LoraConfig, inject_adapter_in_model
-
-    gguf = tmp_path / "tiny.gguf"
-    write_tiny_gguf(gguf)
-    home = tmp_path / "home"
-
-    def fresh(r):
-        bb = load_backbone(gguf, home=home, device="cpu", dtype="float32")
-        return inject_adapter_in_model(LoraConfig(r=r, lora_alpha=8, target_modules=LORA_TARGETS), bb.model)
+    fresh = _peft_models(tmp_path)
 
     trained = fresh(4)
     with torch.no_grad():
@@ -76,18 +68,10 @@ def test_saved_adapter_loads_back_for_further_training(tmp_path):
 def test_checkpoint_state_is_a_detached_copy_that_resumes(tmp_path):
     """`lora_checkpoint_state` (what the trainers' resumable checkpoints hold) names exactly the LoRA parameters
     `lora_parameters` returns, does not move when training goes on, and puts a fresh model back where it was."""
-    from peft import LoraConfig, inject_adapter_in_model
     from sieve.backbone.lora import lora_checkpoint_state, lora_parameters
 
-    gguf = tmp_path / "tiny.gguf"
-    write_tiny_gguf(gguf)
-    home = tmp_path / "home"
-
-    def fresh():
-        bb = load_backbone(gguf, home=home, device="cpu", dtype="float32")
-        return inject_adapter_in_model(LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS), bb.model)
-
-    model = fresh()
+    fresh = _peft_models(tmp_path)
+    model = fresh(4)
     params = lora_parameters(model)
     assert params and all(p.ndim == 2 for p in params)
     with torch.no_grad():
@@ -99,7 +83,22 @@ def test_checkpoint_state_is_a_detached_copy_that_resumes(tmp_path):
     with torch.no_grad():
         params[0].add_(1.0)  # training goes on after the checkpoint
     assert all(torch.equal(state[n], before[n]) for n in state)
-    again = fresh()
+    again = fresh(4)
     missing, unexpected = again.load_state_dict(state, strict=False)
     assert not unexpected and not any("lora_" in n for n in missing)
     assert all(torch.equal(p, before[n]) for n, p in again.named_parameters() if "lora_" in n)
+
+
+def _peft_models(tmp_path):
+    """A factory of fresh peft-injected tiny backbones (LoRA rank r), all from one tiny GGUF."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    gguf = tmp_path / "tiny.gguf"
+    write_tiny_gguf(gguf)
+    home = tmp_path / "home"
+
+    def fresh(r):
+        bb = load_backbone(gguf, home=home, device="cpu", dtype="float32")
+        return inject_adapter_in_model(LoraConfig(r=r, lora_alpha=8, target_modules=LORA_TARGETS), bb.model)
+
+    return fresh
