@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from sieve.backbone.lora import lora_checkpoint_state, lora_parameters
+from sieve.backbone.lora import load_lora_state, lora_checkpoint_state, lora_parameters, lora_state
 
 from .model import Refrag
 from .model_dir import ADAPTER, LORA_TARGETS, POLICY, PROJECTOR, RefragConfig
@@ -314,8 +314,6 @@ def train(cfg: TrainConfig, *, home: Path, device: str = "auto", progress: bool 
     if has_policy:
         save_file({k: v.float().contiguous().cpu() for k, v in scorer.state_dict().items()}, str(cfg.out / POLICY))
     if lora_params:
-        from .model_dir import lora_state
-
         save_file(lora_state(backbone.model), str(cfg.out / ADAPTER))
     RefragConfig(backbone=cfg.backbone, encoder=ENCODER_DIR if own_encoder else cfg.encoder, k=cfg.k,
                  encoder_dim=encoder.dim, dim=backbone.args.dim,
@@ -333,7 +331,6 @@ def train(cfg: TrainConfig, *, home: Path, device: str = "auto", progress: bool 
 def _load_lora(model: torch.nn.Module, path: Path, init_cfg, cfg: TrainConfig) -> None:
     """The --init folder's adapter into this run's peft-injected LoRA (same r and alpha, or a clear error)."""
     from safetensors.torch import load_file
-    from sieve.backbone.lora import load_lora_state
 
     if (init_cfg.lora_r, init_cfg.lora_alpha) != (cfg.lora_r, cfg.lora_alpha):
         raise ValueError(f"--init has LoRA r={init_cfg.lora_r}, alpha={init_cfg.lora_alpha}; this run asks for "
