@@ -6,7 +6,8 @@ Stages (any subset, in this order):
            `<|endoftext|> [v1] ... [vn] x_1 ... x_{nk}`: the decoder must reproduce the n blocks' tokens from their
            vectors. Curriculum: n = 1 block for the first quarter of the steps, then 2, 4, then `recon_max_blocks`.
 - "cpt"    continued pre-training: next-paragraph prediction. `cpt_context_tokens` of text compressed into blocks
-           (a random fraction up to `expand_max` of them expanded, so mixed inputs are in distribution), then the
+           (a random fraction up to `expand_max` of them expanded, so mixed inputs are in distribution; with
+           `expand_recency` that fraction of examples expands its last blocks, the recency policy's pattern), then the
            next `cpt_target_tokens` as tokens, loss on those. Projector learns; with `cpt_lora` a decoder LoRA too
            (the paper tunes the decoder here; off by default so the decoder stays shared with embed / rank).
 - "sft"    task tuning: NQ-open oracle *train* portion, gold + BM25 distractor passages from the train portion's
@@ -66,6 +67,7 @@ class TrainConfig:
     cpt_target_tokens: int = 64
     cpt_lora: bool = False
     expand_max: float = 0.25
+    expand_recency: float = 0.0  # cpt/sft: this fraction of examples expands its last blocks (recency's pattern)
     tune_encoder: bool = False  # train the chunk encoder too (recon, cpt), at encoder_lr
     encoder_lr: float = 5e-5
     init: Path | None = None  # start from this model folder's weights (same k, shapes)
@@ -115,6 +117,18 @@ def random_expansion(n_blocks: int, p_max: float, rng: random.Random) -> set[int
     return set(rng.sample(range(n_blocks), m)) if m else set()
 
 
+def training_expansion(n_blocks: int, cfg: TrainConfig, rng: random.Random,
+                       pattern_rng: random.Random | None = None) -> set[int]:
+    """Blocks to expand in one training example: a random fraction up to `expand_max`, at random places; with
+    probability `expand_recency` (drawn from `pattern_rng`) the same number of blocks at the end instead, the
+    recency policy's pattern, so that serving pattern is in distribution too. `rng` draws the same numbers either
+    way, so runs that differ only in `expand_recency` see the same windows and the same expansion counts."""
+    chosen = random_expansion(n_blocks, cfg.expand_max, rng)
+    if cfg.expand_recency and pattern_rng is not None and pattern_rng.random() < cfg.expand_recency:
+        return set(range(n_blocks - len(chosen), n_blocks))
+    return chosen
+
+
 # ------------------------------------------------------------------------------------------------ batches
 
 
@@ -125,27 +139,30 @@ def recon_example(refrag: Refrag, sampler, n_blocks: int, k: int) -> tuple[Layou
     return layout, set(), len(ids)
 
 
-def cpt_example(refrag: Refrag, sampler, cfg: TrainConfig, rng: random.Random) -> tuple[Layout, set[int], int]:
+def cpt_example(refrag: Refrag, sampler, cfg: TrainConfig, rng: random.Random,
+                pattern_rng: random.Random | None = None) -> tuple[Layout, set[int], int]:
     ids = sampler.sample(cfg.cpt_context_tokens + cfg.cpt_target_tokens)
     ctx_ids, target = ids[: -cfg.cpt_target_tokens], ids[-cfg.cpt_target_tokens:]
     ctx = refrag.encode_ids([ctx_ids], cfg.k)[0]
-    return refrag.lm_layout(ctx, target), random_expansion(ctx.n_blocks, cfg.expand_max, rng), len(target)
+    return refrag.lm_layout(ctx, target), training_expansion(ctx.n_blocks, cfg, rng, pattern_rng), len(target)
 
 
-def sft_example(refrag: Refrag, ex, cfg: TrainConfig, rng: random.Random) -> tuple[Layout, set[int], int]:
+def sft_example(refrag: Refrag, ex, cfg: TrainConfig, rng: random.Random,
+                pattern_rng: random.Random | None = None) -> tuple[Layout, set[int], int]:
     passages = refrag.encode(ex.passages, cfg.k)
     layout = qa_layout(refrag.tokenizer, ex.question, passages)
     answer = refrag.tokenizer.encode(ex.answers[0], add_bos=False) + refrag.tokenizer.eos_ids[:1]
     layout.segments.append(Segment(answer))
-    return layout, random_expansion(len(layout.blocks), cfg.expand_max, rng), len(answer)
+    return layout, training_expansion(len(layout.blocks), cfg, rng, pattern_rng), len(answer)
 
 
-def sft_batch(refrag: Refrag, nq: list, sampler, cfg: TrainConfig, rng: random.Random) -> list:
+def sft_batch(refrag: Refrag, nq: list, sampler, cfg: TrainConfig, rng: random.Random,
+              pattern_rng: random.Random | None = None) -> list:
     """One task-tuning batch: QA examples, each replaced with probability `sft_lm_mix` by a continued-pretraining
     window (replay), so the decoder LoRA keeps its language modelling while it learns the QA layout. At mix 0 no
     random number is drawn for the choice, so earlier task-tuning runs replay exactly with the same seed."""
-    return [cpt_example(refrag, sampler, cfg, rng) if cfg.sft_lm_mix and rng.random() < cfg.sft_lm_mix
-            else sft_example(refrag, rng.choice(nq), cfg, rng) for _ in range(cfg.batch_size)]
+    return [cpt_example(refrag, sampler, cfg, rng, pattern_rng) if cfg.sft_lm_mix and rng.random() < cfg.sft_lm_mix
+            else sft_example(refrag, rng.choice(nq), cfg, rng, pattern_rng) for _ in range(cfg.batch_size)]
 
 
 def recon_blocks(step: int, steps: int, max_blocks: int) -> int:
@@ -205,6 +222,7 @@ def train(cfg: TrainConfig, *, home: Path, device: str = "auto", progress: bool 
     amp = torch.autocast(device_type=dev.type, dtype=getattr(torch, cfg.dtype), enabled=cfg.dtype != "float32")
     sampler = TokenSampler(backbone.tokenizer, text_sources(cfg.data_root), cfg.sources, seed=cfg.seed)
     rng = random.Random(cfg.seed + 1)
+    pattern_rng = random.Random(cfg.seed + 3)  # only expand_recency's coin: `rng` stays the same run to run
 
     uses_lora = "sft" in stages or (cfg.cpt_lora and "cpt" in stages) or bool(init_cfg and init_cfg.lora_r)
     if uses_lora:
@@ -230,6 +248,8 @@ def train(cfg: TrainConfig, *, home: Path, device: str = "auto", progress: bool 
             encoder.model.load_state_dict(state["encoder"])
         sampler.rng.setstate(state["sampler_rng"])
         rng.setstate(state["rng"])
+        if "pattern_rng" in state:
+            pattern_rng.setstate(state["pattern_rng"])
         torch.set_rng_state(state["torch_rng"])
 
     def save(stage: str, step: int, opt, sched=None) -> None:
@@ -239,7 +259,8 @@ def train(cfg: TrainConfig, *, home: Path, device: str = "auto", progress: bool 
                     "lora": lora_checkpoint_state(backbone.model),
                     "encoder": encoder.model.state_dict() if encoder_params else None,
                     "history": history, "sampler_rng": sampler.rng.getstate(), "rng": rng.getstate(),
-                    "torch_rng": torch.get_rng_state()}, ckpt.with_suffix(".tmp"))
+                    "pattern_rng": pattern_rng.getstate(), "torch_rng": torch.get_rng_state()},
+                   ckpt.with_suffix(".tmp"))
         ckpt.with_suffix(".tmp").replace(ckpt)
 
     columns = [TextColumn("{task.description:<8}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
@@ -280,9 +301,9 @@ def train(cfg: TrainConfig, *, home: Path, device: str = "auto", progress: bool 
                     n = recon_blocks(step, steps, cfg.recon_max_blocks)
                     batch = [recon_example(refrag, sampler, n, cfg.k) for _ in range(cfg.batch_size)]
                 elif stage == "cpt":
-                    batch = [cpt_example(refrag, sampler, cfg, rng) for _ in range(cfg.batch_size)]
+                    batch = [cpt_example(refrag, sampler, cfg, rng, pattern_rng) for _ in range(cfg.batch_size)]
                 else:
-                    batch = sft_batch(refrag, nq, sampler, cfg, rng)
+                    batch = sft_batch(refrag, nq, sampler, cfg, rng, pattern_rng)
                 loss = lm_loss(refrag, batch, amp)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

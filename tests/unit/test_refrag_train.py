@@ -14,7 +14,15 @@ from sieve.refrag import Projector, Refrag
 from sieve.refrag.data import QAExample, TokenSampler, detok_wikitext, exact_match, has_answer, with_retrieved
 from sieve.refrag.model_dir import PROJECTOR, RefragConfig, load_parts
 from sieve.refrag.prompt import Layout, Segment
-from sieve.refrag.train import TrainConfig, expansion_gains, lm_loss, random_expansion, recon_blocks, sft_batch
+from sieve.refrag.train import (
+    TrainConfig,
+    expansion_gains,
+    lm_loss,
+    random_expansion,
+    recon_blocks,
+    sft_batch,
+    training_expansion,
+)
 from torch.testing import assert_close
 
 from .test_refrag import HashEncoder, backbone, text  # noqa: F401  (backbone is a fixture)
@@ -70,6 +78,21 @@ def test_random_expansion_stays_within_the_fraction():
     rng = random.Random(0)
     sizes = [len(random_expansion(16, 0.25, rng)) for _ in range(200)]
     assert max(sizes) <= 4 and min(sizes) == 0 and len(set(sizes)) > 2
+
+
+def test_training_expansion_moves_a_fraction_of_the_expanded_sets_to_the_end(tmp_path):
+    def draw(recency: float) -> list[set[int]]:
+        cfg = TrainConfig(out=tmp_path, data_root=tmp_path, expand_max=0.25, expand_recency=recency)
+        rng, pattern_rng = random.Random(0), random.Random(1)
+        return [training_expansion(32, cfg, rng, pattern_rng) for _ in range(400)]
+
+    plain, half, tail = draw(0.0), draw(0.5), draw(1.0)
+    rng = random.Random(0)
+    assert plain == [random_expansion(32, 0.25, rng) for _ in range(400)]  # off: exactly the random sets
+    assert [len(s) for s in half] == [len(s) for s in plain] == [len(s) for s in tail]  # same counts, same windows
+    assert all(s == set(range(32 - len(s), 32)) for s in tail)  # every set is the last blocks
+    trailing = [h == set(range(32 - len(h), 32)) for h, p in zip(half, plain) if len(p) >= 2 and h != p]
+    assert trailing and all(trailing) and 130 <= len(trailing) <= 210  # ~half moved (a random set rarely trails)
 
 
 def test_sft_batch_replays_lm_windows_at_the_asked_fraction(refrag, tmp_path):
