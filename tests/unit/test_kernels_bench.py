@@ -1,4 +1,4 @@
-"""bench/kernels.py and bench/quant_cpu.py run on CPU (tiny sizes, reference paths) and write results files."""
+"""bench/kernel_speed.py and bench/quant_cpu.py run on CPU (tiny sizes, reference paths) and write results files."""
 
 import json
 import runpy
@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("script,argv,name", [
-    ("kernels.py", ["--lengths", "256", "--batches", "1,32", "--repeat", "1"], "kernels-cpu-smoke"),
+    ("kernel_speed.py", ["--lengths", "256", "--batches", "1,32", "--repeat", "1"], "kernels-cpu-smoke"),
     ("quant_cpu.py", ["--rows", "1,64", "--repeat", "1", "--shapes", "wo,w2"], "quant-cpu"),
 ])
 def test_cpu_smoke_run_writes_results(monkeypatch, tmp_path, script, argv, name):
@@ -24,7 +24,7 @@ def test_cpu_smoke_run_writes_results(monkeypatch, tmp_path, script, argv, name)
     payload = json.loads((tmp_path / f"{name}.json").read_text())
     assert payload["device"].startswith("cpu") and payload["rows"]
     systems = {r["system"] for r in payload["rows"]}
-    if script == "kernels.py":
+    if script == "kernel_speed.py":
         assert {"dense-sdpa", "sparse", "torch-matmul", "int8", "int4"} <= systems
         sparse = next(r for r in payload["rows"] if r["system"] == "sparse")
         assert 0 < sparse["block_density"] <= 1 and sparse["max_abs_diff_vs_dense"] < 1.0

@@ -12,8 +12,8 @@ Matmul (y = x @ W^T, bf16 activations):
     On CUDA `us` is GPU time per call from CUDA-graph replays (a decode step is graph-captured; a tiny GEMV's
     host launch costs more than the kernel) and `eager_us` the per-call time with launch and sync included.
 
-On GPU:   python bench/kernels.py --device cuda                 (8K, 32K, 64K, 128K; writes kernels-cuda.json)
-On CPU:   python bench/kernels.py                               (tiny sizes, torch reference paths: a smoke run)
+On GPU:   python bench/kernel_speed.py --device cuda                 (8K, 32K, 64K, 128K; writes kernels-cuda.json)
+On CPU:   python bench/kernel_speed.py                               (tiny sizes, torch reference paths: a smoke run)
 Crossover for SparseConfig.min_length: add --lengths 8192,16384,24576,32768,65536 (and --estimator compiled).
 """
 

@@ -1,0 +1,119 @@
+"""REFRAG expansion policies against an oracle: how much of the gap to the full context a policy could close.
+
+WikiText-2 raw test, the windows of `sieve eval refrag --task wikitext` (L context tokens, the next 128 scored),
+k-token blocks, a fraction p of blocks expanded (fed as tokens), perplexity of the continuation per policy:
+
+  recency, similarity   the shipped heuristics (refrag/policy.py)
+  proxy-gain            target-free "decoder's perplexity gain": the last block stays expanded and is the proxy
+                        target; the other blocks are ranked by how much expanding each alone lowers the loss on it
+  oracle                ranks blocks by how much expanding each alone lowers the loss on the *real* continuation.
+                        It reads the answer, so it is an upper bound for a policy that sees one block at a time
+                        (what the paper's RL policy is trained towards), not a policy anyone can serve
+  full / compressed     every block / no block expanded
+
+Writes bench/results/NAME.json (rows: policy, context_tokens, perplexity, ppl_vs_full).
+
+    python bench/refrag_policies.py [--model refrag-k16] [--contexts 512] [--limit 16] [--expansion 0.25]
+                                    [--threads 2] [--name refrag-policy-headroom]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import torch
+from rich.progress import Progress
+from sieve.backbone import load_backbone
+from sieve.refrag import Refrag, load_refrag
+from sieve.refrag.model_dir import RefragConfig, resolve_refrag
+from sieve.refrag.policy import n_expanded, select
+from sieve.refrag.train import lm_loss
+
+from sieve.registry import resolve_backbone
+from sieve.results import device_name, write_results
+from sieve.settings import Settings
+
+OFF = torch.autocast("cpu", enabled=False)
+
+
+def single_block_gains(r: Refrag, layout, n_target: int, blocks: range) -> torch.Tensor:
+    """Loss drop on the layout's last `n_target` tokens from expanding each block in `blocks` alone."""
+    base = lm_loss(r, [(layout, set(), n_target)], OFF).item()
+    return torch.tensor([base - lm_loss(r, [(layout, {i}, n_target)], OFF).item() for i in blocks])
+
+
+def proxy_gain(r: Refrag, ctx_ids: list[int], k: int, m: int) -> set[int]:
+    """Target-free: the last block is the proxy target (its tokens are known); keep it expanded and add the m - 1
+    blocks whose expansion alone most lowers the loss on it."""
+    ctx = r.encode_ids([ctx_ids], k)[0]
+    n = ctx.n_blocks
+    if m <= 1 or n < 2:
+        return set(range(n - m, n))
+    cut = ctx.spans[-1][0]
+    head = r.encode_ids([ctx_ids[:cut]], k)[0]
+    gains = single_block_gains(r, r.lm_layout(head, ctx_ids[cut:]), len(ctx_ids) - cut, range(head.n_blocks))
+    return {n - 1} | select(gains, (m - 1) / head.n_blocks)
+
+
+@torch.no_grad()
+def window_losses(r: Refrag, ctx_ids: list[int], target: list[int], k: int, p: float) -> dict[str, float]:
+    ctx = r.encode_ids([ctx_ids], k)[0]
+    layout = r.lm_layout(ctx, target)
+    n = ctx.n_blocks
+    m = n_expanded(n, p)
+    chosen = {"full": set(range(n)), "compressed": set(),
+              "recency": r.choose_expansion(layout, p, policy="recency"),
+              "similarity": r.choose_expansion(layout, p, policy="similarity"),
+              "proxy-gain": proxy_gain(r, ctx_ids, k, m),
+              "oracle": select(single_block_gains(r, layout, len(target), range(n)), p)}
+    assert all(len(s) == m for name, s in chosen.items() if name not in ("full", "compressed"))
+    return {name: lm_loss(r, [(layout, s, len(target))], OFF).item() for name, s in chosen.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="refrag-k16")
+    ap.add_argument("--contexts", default="512")
+    ap.add_argument("--limit", type=int, default=16)
+    ap.add_argument("--expansion", type=float, default=0.25)
+    ap.add_argument("--target-tokens", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--name", default="refrag-policy-headroom")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    settings = Settings()
+    folder = resolve_refrag(args.model)
+    backbone = load_backbone(resolve_backbone(RefragConfig.load(folder).backbone), home=settings.home / "cache",
+                             device="cpu", dtype="float32")
+    r = load_refrag(folder, home=settings.home / "cache", backbone=backbone)
+    ids = r.tokenizer.encode((settings.data_path() / "text/wikitext-2-raw/test.txt").read_text(), add_bos=False)
+    rows = []
+    for length in [int(c) for c in args.contexts.split(",")]:
+        span = length + args.target_tokens
+        starts = [i * (len(ids) - span) // max(args.limit, 1) for i in range(args.limit)]
+        totals: dict[str, float] = {}
+        t0 = time.perf_counter()
+        with Progress(transient=True) as bar:
+            task = bar.add_task(f"L={length}", total=len(starts))
+            for s in starts:
+                for name, loss in window_losses(r, ids[s:s + length], ids[s + length:s + span], r.k,
+                                                args.expansion).items():
+                    totals[name] = totals.get(name, 0.0) + loss
+                bar.advance(task)
+        full = math.exp(totals["full"] / len(starts))
+        for name, total in totals.items():
+            ppl = math.exp(total / len(starts))
+            rows.append({"system": f"{args.model}", "policy": name, "k": r.k, "dataset": "wikitext-2-raw",
+                         "split": "test", "context_tokens": length, "target_tokens": args.target_tokens,
+                         "windows": len(starts), "expansion": 0.0 if name == "compressed" else
+                         1.0 if name == "full" else args.expansion, "perplexity": round(ppl, 3),
+                         "ppl_vs_full": round(ppl / full, 4)})
+            print(f"L={length:5d} {name:11s} ppl {ppl:8.3f}  {ppl / full:.3f}x full")
+        print(f"L={length}: {len(starts)} windows in {time.perf_counter() - t0:.0f} s")
+    print(write_results(args.name, rows, device_name("cpu")))
+
+
+if __name__ == "__main__":
+    main()
