@@ -436,6 +436,7 @@ def _train_policy(refrag: Refrag, sampler, cfg: TrainConfig, bar, history: list[
     history.append({"stage": "policy-eval", "held_out_examples": len(val_set),
                     "mean_gain_top25_learned": mean_gain_of_top("learned"),
                     "mean_gain_top25_similarity": mean_gain_of_top("similarity"),
+                    "mean_gain_top25_recency": mean_gain_of_top("recency"),
                     "mean_gain_top25_oracle": round(sum(_top_mean(g) for _, _, g in val_set) / len(val_set), 4),
                     "mean_gain_any_block": round(sum(float(g.mean()) for _, _, g in val_set) / len(val_set), 4)})
 
