@@ -27,9 +27,10 @@ import torch
 from rich.progress import Progress
 from sieve.backbone import load_backbone
 from sieve.refrag import Refrag, load_refrag
+from sieve.refrag.encoder import EncodedPassage
 from sieve.refrag.model_dir import RefragConfig, resolve_refrag
 from sieve.refrag.policy import n_expanded, select
-from sieve.refrag.train import lm_loss
+from sieve.refrag.train import expansion_gains, lm_loss
 
 from sieve.registry import resolve_backbone
 from sieve.results import device_name, write_results
@@ -38,22 +39,15 @@ from sieve.settings import Settings
 OFF = torch.autocast("cpu", enabled=False)
 
 
-def single_block_gains(r: Refrag, layout, n_target: int, blocks: range) -> torch.Tensor:
-    """Loss drop on the layout's last `n_target` tokens from expanding each block in `blocks` alone."""
-    base = lm_loss(r, [(layout, set(), n_target)], OFF).item()
-    return torch.tensor([base - lm_loss(r, [(layout, {i}, n_target)], OFF).item() for i in blocks])
-
-
-def proxy_gain(r: Refrag, ctx_ids: list[int], k: int, m: int) -> set[int]:
+def proxy_gain(r: Refrag, ctx: EncodedPassage, m: int) -> set[int]:
     """Target-free: the last block is the proxy target (its tokens are known); keep it expanded and add the m - 1
     blocks whose expansion alone most lowers the loss on it."""
-    ctx = r.encode_ids([ctx_ids], k)[0]
     n = ctx.n_blocks
     if m <= 1 or n < 2:
         return set(range(n - m, n))
     cut = ctx.spans[-1][0]
-    head = r.encode_ids([ctx_ids[:cut]], k)[0]
-    gains = single_block_gains(r, r.lm_layout(head, ctx_ids[cut:]), len(ctx_ids) - cut, range(head.n_blocks))
+    head = r.encode_ids([ctx.token_ids[:cut]], ctx.k)[0]
+    _, gains = expansion_gains(r, r.lm_layout(head, ctx.token_ids[cut:]), len(ctx.token_ids) - cut)
     return {n - 1} | select(gains, (m - 1) / head.n_blocks)
 
 
@@ -66,8 +60,8 @@ def window_losses(r: Refrag, ctx_ids: list[int], target: list[int], k: int, p: f
     chosen = {"full": set(range(n)), "compressed": set(),
               "recency": r.choose_expansion(layout, p, policy="recency"),
               "similarity": r.choose_expansion(layout, p, policy="similarity"),
-              "proxy-gain": proxy_gain(r, ctx_ids, k, m),
-              "oracle": select(single_block_gains(r, layout, len(target), range(n)), p)}
+              "proxy-gain": proxy_gain(r, ctx, m),
+              "oracle": select(expansion_gains(r, layout, len(target))[1], p)}
     assert all(len(s) == m for name, s in chosen.items() if name not in ("full", "compressed"))
     return {name: lm_loss(r, [(layout, s, len(target))], OFF).item() for name, s in chosen.items()}
 
@@ -105,7 +99,7 @@ def main() -> None:
         full = math.exp(totals["full"] / len(starts))
         for name, total in totals.items():
             ppl = math.exp(total / len(starts))
-            rows.append({"system": f"{args.model}", "policy": name, "k": r.k, "dataset": "wikitext-2-raw",
+            rows.append({"system": args.model, "policy": name, "k": r.k, "dataset": "wikitext-2-raw",
                          "split": "test", "context_tokens": length, "target_tokens": args.target_tokens,
                          "windows": len(starts), "expansion": 0.0 if name == "compressed" else
                          1.0 if name == "full" else args.expansion, "perplexity": round(ppl, 3),
