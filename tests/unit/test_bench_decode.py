@@ -10,13 +10,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def decode(request):
-    sys.path.insert(0, str(ROOT / "bench"))
-    request.addfinalizer(lambda: sys.path.remove(str(ROOT / "bench")))
-    import decode
-
-    return decode
+@pytest.fixture
+def decode(bench_module):
+    return bench_module("decode")
 
 
 def test_agreement_counts_exact_matches_and_common_prefixes(decode):

@@ -1,21 +1,12 @@
 """bench/refrag_policy_features.py's pure helpers: target-free block features, the fitted scorer, tail selection."""
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
 
-
-@pytest.fixture(scope="module")
-def pf(request):
-    sys.path.insert(0, str(ROOT / "bench"))
-    request.addfinalizer(lambda: sys.path.remove(str(ROOT / "bench")))
-    import refrag_policy_features
-
-    return refrag_policy_features
+@pytest.fixture
+def pf(bench_module):
+    return bench_module("refrag_policy_features")
 
 
 class Vocab:
