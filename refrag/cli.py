@@ -150,6 +150,8 @@ def train_refrag(
     expand_max: Annotated[float, typer.Option(help="cpt/sft: up to this fraction of blocks expanded at random")] = 0.25,
     expand_recency: Annotated[float, typer.Option(min=0.0, max=1.0, help=(
         "cpt/sft: this fraction of examples expands its last blocks instead (the recency policy's pattern)"))] = 0.0,
+    copy_weight: Annotated[float, typer.Option(min=0.0, help=(
+        "cpt/sft: count target tokens that occur in a compressed block 1 + this many times in the loss"))] = 0.0,
     policy_examples: int = 24,
     policy_epochs: int = 200,
     lr: float = 1e-3,
@@ -171,7 +173,8 @@ def train_refrag(
                       k=k, batch_size=batch_size, recon_steps=recon_steps, recon_max_blocks=recon_max_blocks,
                       cpt_steps=cpt_steps, cpt_context_tokens=cpt_context_tokens, cpt_target_tokens=cpt_target_tokens,
                       cpt_lora=cpt_lora, sft_steps=sft_steps, sft_docs=sft_docs, sft_lm_mix=sft_lm_mix,
-                      expand_max=expand_max, expand_recency=expand_recency, policy_examples=policy_examples,
+                      expand_max=expand_max, expand_recency=expand_recency, copy_weight=copy_weight,
+                      policy_examples=policy_examples,
                       policy_epochs=policy_epochs, lr=lr,
                       lora_lr=lora_lr, lora_r=lora_r, lora_alpha=2.0 * lora_r, dtype=dtype, seed=seed,
                       tune_encoder=tune_encoder, encoder_lr=encoder_lr, init=Path(init) if init else None)

@@ -68,6 +68,7 @@ class TrainConfig:
     cpt_lora: bool = False
     expand_max: float = 0.25
     expand_recency: float = 0.0  # cpt/sft: this fraction of examples expands its last blocks (recency's pattern)
+    copy_weight: float = 0.0  # cpt/sft: extra loss weight on target tokens that occur in a compressed block
     tune_encoder: bool = False  # train the chunk encoder too (recon, cpt), at encoder_lr
     encoder_lr: float = 5e-5
     init: Path | None = None  # start from this model folder's weights (same k, shapes)
@@ -89,8 +90,16 @@ class TrainConfig:
 # ------------------------------------------------------------------------------------------------ loss
 
 
-def lm_loss(refrag: Refrag, batch: list[tuple[Layout, set[int], int]], amp) -> torch.Tensor:
-    """Mean next-token loss over each example's last `n_target` tokens (the last segment of its layout)."""
+def copy_weights(layout: Layout, expand: set[int], n_target: int, copy_weight: float) -> list[float]:
+    """Per target token: 1 + copy_weight where the token occurs in a block fed compressed (the decoder can only
+    copy it through that block's vector), else 1."""
+    compressed = {t for i, b in enumerate(layout.blocks) if i not in expand for t in b.token_ids}
+    return [1.0 + copy_weight * (t in compressed) for t in layout.segments[-1].token_ids[-n_target:]]
+
+
+def lm_loss(refrag: Refrag, batch: list[tuple[Layout, set[int], int]], amp, copy_weight: float = 0.0) -> torch.Tensor:
+    """Mean next-token loss over each example's last `n_target` tokens (the last segment of its layout); with
+    `copy_weight`, a weighted mean that counts tokens copyable from compressed blocks 1 + copy_weight times."""
     model = refrag.model
     embeds = [refrag.embed(layout, expand)[0] for layout, expand, _ in batch]
     width = max(e.shape[0] for e in embeds)
@@ -109,7 +118,12 @@ def lm_loss(refrag: Refrag, batch: list[tuple[Layout, set[int], int]], amp) -> t
         hidden = model(inputs_embeds=x, attention_mask=None if bool(mask.all()) else mask,
                        return_logits=False).hidden_states
         logits = model.output(hidden[torch.tensor(rows), torch.tensor(cols)]).float()
-    return F.cross_entropy(logits, torch.tensor(targets, device=logits.device))
+    targets = torch.tensor(targets, device=logits.device)
+    if not copy_weight:
+        return F.cross_entropy(logits, targets)
+    w = torch.tensor([x for layout, expand, n in batch for x in copy_weights(layout, expand, n, copy_weight)],
+                     device=logits.device)
+    return (F.cross_entropy(logits, targets, reduction="none") * w).sum() / w.sum()
 
 
 def random_expansion(n_blocks: int, p_max: float, rng: random.Random) -> set[int]:
@@ -304,7 +318,7 @@ def train(cfg: TrainConfig, *, home: Path, device: str = "auto", progress: bool 
                     batch = [cpt_example(refrag, sampler, cfg, rng, pattern_rng) for _ in range(cfg.batch_size)]
                 else:
                     batch = sft_batch(refrag, nq, sampler, cfg, rng, pattern_rng)
-                loss = lm_loss(refrag, batch, amp)
+                loss = lm_loss(refrag, batch, amp, cfg.copy_weight if stage != "recon" else 0.0)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -16,6 +16,7 @@ from sieve.refrag.model_dir import PROJECTOR, RefragConfig, load_parts
 from sieve.refrag.prompt import Layout, Segment
 from sieve.refrag.train import (
     TrainConfig,
+    copy_weights,
     expansion_gains,
     lm_loss,
     random_expansion,
@@ -56,6 +57,20 @@ def test_batched_loss_with_padding_equals_the_mean_of_single_losses(refrag):
     batched = lm_loss(refrag, items, OFF)
     single = torch.stack([lm_loss(refrag, [it], OFF) for it in items]).mean()
     assert_close(batched, single, atol=1e-5, rtol=1e-5)  # equal target counts: the token mean is the mean
+
+
+def test_copy_weight_counts_tokens_copyable_from_compressed_blocks_more(refrag):
+    ctx = [5, 6, 7, 8, 9, 10, 11, 12]  # two blocks of 4
+    target = [6, 11, 13, 6]  # 6 is in block 0, 11 in block 1, 13 in neither
+    layout = refrag.lm_layout(refrag.encode_ids([ctx], 4)[0], target)
+    assert copy_weights(layout, set(), 4, 2.0) == [3.0, 3.0, 1.0, 3.0]
+    assert copy_weights(layout, {1}, 4, 2.0) == [3.0, 1.0, 1.0, 3.0]  # block 1 is fed as tokens: nothing to copy
+    for expand in (set(), {1}):
+        logits = refrag.model(inputs_embeds=refrag.embed(layout, expand)).logits[0, -5:-1]
+        per_token = F.cross_entropy(logits, torch.tensor(target), reduction="none")
+        w = torch.tensor(copy_weights(layout, expand, 4, 2.0))
+        assert_close(lm_loss(refrag, [(layout, expand, 4)], OFF, copy_weight=2.0), (per_token * w).sum() / w.sum())
+        assert_close(lm_loss(refrag, [(layout, expand, 4)], OFF, copy_weight=0.0), per_token.mean())
 
 
 def test_gradients_reach_the_projector_and_not_the_decoder(refrag):
