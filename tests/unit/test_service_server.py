@@ -238,9 +238,17 @@ def test_metrics_endpoint_counts_calls_by_method_and_code(server):
         c.embed(["a", "b"])
         with pytest.raises(InvalidArgument):
             c.embed([])
-    text = urllib.request.urlopen(f"http://127.0.0.1:{server.server.metrics_port}/metrics", timeout=5).read().decode()
-    assert 'sieve_rpc_requests_total{code="OK",method="/sieve.v1.EmbedService/Embed"} 1.0' in text
-    assert 'sieve_rpc_requests_total{code="INVALID_ARGUMENT",method="/sieve.v1.EmbedService/Embed"} 1.0' in text
+    want = ['sieve_rpc_requests_total{code="OK",method="/sieve.v1.EmbedService/Embed"} 1.0',
+            'sieve_rpc_requests_total{code="INVALID_ARGUMENT",method="/sieve.v1.EmbedService/Embed"} 1.0']
+    # grpc's context.abort sends the status before the handler's exception unwinds through the metrics
+    # interceptor, so a client can see the error a moment before the server has counted it: poll briefly.
+    url, deadline = f"http://127.0.0.1:{server.server.metrics_port}/metrics", time.monotonic() + 10
+    while True:
+        text = urllib.request.urlopen(url, timeout=5).read().decode()
+        if all(line in text for line in want) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert all(line in text for line in want), [line for line in want if line not in text]
     assert "sieve_batch_texts_count" in text and "sieve_queue_depth 0.0" in text
     assert "sieve_batch_tokens_total" in text and "sieve_tokens_per_second" in text
 
