@@ -25,14 +25,12 @@ import time
 
 import torch
 from rich.progress import Progress
-from sieve.backbone import load_backbone
 from sieve.refrag import Refrag, load_refrag
 from sieve.refrag.encoder import EncodedPassage
-from sieve.refrag.model_dir import RefragConfig, resolve_refrag
+from sieve.refrag.eval import wikitext_test_ids, wikitext_windows
 from sieve.refrag.policy import n_expanded, select
 from sieve.refrag.train import expansion_gains, lm_loss
 
-from sieve.registry import resolve_backbone
 from sieve.results import device_name, write_results
 from sieve.settings import Settings
 
@@ -78,34 +76,29 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     settings = Settings()
-    folder = resolve_refrag(args.model)
-    backbone = load_backbone(resolve_backbone(RefragConfig.load(folder).backbone), home=settings.home / "cache",
-                             device="cpu", dtype="float32")
-    r = load_refrag(folder, home=settings.home / "cache", backbone=backbone)
-    ids = r.tokenizer.encode((settings.data_path() / "text/wikitext-2-raw/test.txt").read_text(), add_bos=False)
+    r = load_refrag(args.model, home=settings.home / "cache", device="cpu", dtype="float32")
+    ids = wikitext_test_ids(r.tokenizer, settings.data_path())
     rows = []
     for length in [int(c) for c in args.contexts.split(",")]:
-        span = length + args.target_tokens
-        starts = [i * (len(ids) - span) // max(args.limit, 1) for i in range(args.limit)]
+        windows = wikitext_windows(ids, length, args.target_tokens, args.limit)
         totals: dict[str, float] = {}
         t0 = time.perf_counter()
         with Progress(transient=True) as bar:
-            task = bar.add_task(f"L={length}", total=len(starts))
-            for s in starts:
-                for name, loss in window_losses(r, ids[s:s + length], ids[s + length:s + span], r.k,
-                                                args.expansion).items():
+            task = bar.add_task(f"L={length}", total=len(windows))
+            for ctx_ids, target in windows:
+                for name, loss in window_losses(r, ctx_ids, target, r.k, args.expansion).items():
                     totals[name] = totals.get(name, 0.0) + loss
                 bar.advance(task)
-        full = math.exp(totals["full"] / len(starts))
+        full = math.exp(totals["full"] / len(windows))
         for name, total in totals.items():
-            ppl = math.exp(total / len(starts))
+            ppl = math.exp(total / len(windows))
             rows.append({"system": args.model, "policy": name, "k": r.k, "dataset": "wikitext-2-raw",
                          "split": "test", "context_tokens": length, "target_tokens": args.target_tokens,
-                         "windows": len(starts), "expansion": 0.0 if name == "compressed" else
+                         "windows": len(windows), "expansion": 0.0 if name == "compressed" else
                          1.0 if name == "full" else args.expansion, "perplexity": round(ppl, 3),
                          "ppl_vs_full": round(ppl / full, 4)})
             print(f"L={length:5d} {name:11s} ppl {ppl:8.3f}  {ppl / full:.3f}x full")
-        print(f"L={length}: {len(starts)} windows in {time.perf_counter() - t0:.0f} s")
+        print(f"L={length}: {len(windows)} windows in {time.perf_counter() - t0:.0f} s")
     print(write_results(args.name, rows, device_name("cpu")))
 
 

@@ -28,14 +28,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from rich.progress import Progress
-from sieve.backbone import load_backbone
 from sieve.refrag import Refrag, load_refrag
 from sieve.refrag.data import TokenSampler, text_sources
-from sieve.refrag.model_dir import RefragConfig, resolve_refrag
+from sieve.refrag.eval import wikitext_test_ids, wikitext_windows
 from sieve.refrag.policy import block_positions, n_expanded, select
 from sieve.refrag.train import TrainConfig, cpt_example, expansion_gains, lm_loss
 
-from sieve.registry import resolve_backbone
 from sieve.results import device_name, write_results
 from sieve.settings import Settings
 
@@ -45,11 +43,7 @@ FEATURES = ("position", "position^4", "cosine to last block", "capitalised", "di
 
 
 def load(model: str) -> Refrag:
-    settings = Settings()
-    folder = resolve_refrag(model)
-    backbone = load_backbone(resolve_backbone(RefragConfig.load(folder).backbone), home=settings.home / "cache",
-                             device="cpu", dtype="float32")
-    return load_refrag(folder, home=settings.home / "cache", backbone=backbone)
+    return load_refrag(model, home=Settings().home / "cache", device="cpu", dtype="float32")
 
 
 def label(args) -> None:
@@ -152,7 +146,6 @@ def tail_plus(scores: torch.Tensor, m: int) -> set[int]:
 
 @torch.no_grad()
 def evaluate(args) -> None:
-    torch.set_num_threads(args.threads)
     r = load(args.model)
     flags = TokenFlags(r.tokenizer)
     labelled = [w for f in args.labels for w in torch.load(f)]
@@ -166,19 +159,17 @@ def evaluate(args) -> None:
         model = fit_linear(xs, gs)
     print(f"{len(labelled)} labelled windows; feature / gain correlation {corr}")
     print(f"cross-validated mean gain of the top 25% of blocks: {cv}")
-    settings = Settings()
-    ids = r.tokenizer.encode((settings.data_path() / "text/wikitext-2-raw/test.txt").read_text(), add_bos=False)
+    ids = wikitext_test_ids(r.tokenizer, Settings().data_path())
     rows = []
     for length in [int(c) for c in args.contexts.split(",")]:
-        span = length + 128
-        starts = [i * (len(ids) - span) // args.limit for i in range(args.limit)]
+        windows = wikitext_windows(ids, length, 128, args.limit)
         totals: dict[str, float] = {}
         t0 = time.perf_counter()
         with Progress(transient=True) as bar:
-            task = bar.add_task(f"L={length}", total=len(starts))
-            for s in starts:
-                ctx = r.encode_ids([ids[s:s + length]], r.k)[0]
-                layout = r.lm_layout(ctx, ids[s + length:s + span])
+            task = bar.add_task(f"L={length}", total=len(windows))
+            for ctx_ids, target in windows:
+                ctx = r.encode_ids([ctx_ids], r.k)[0]
+                layout = r.lm_layout(ctx, target)
                 scores = model(features([list(b.token_ids) for b in layout.blocks],
                                         torch.stack([b.vector for b in layout.blocks]), flags))
                 m = n_expanded(ctx.n_blocks, args.expansion)
@@ -189,16 +180,16 @@ def evaluate(args) -> None:
                 for name, c in chosen.items():
                     totals[name] = totals.get(name, 0.0) + lm_loss(r, [(layout, c, 128)], OFF).item()
                 bar.advance(task)
-        full = math.exp(totals["full"] / len(starts))
+        full = math.exp(totals["full"] / len(windows))
         for name, total in totals.items():
-            ppl = math.exp(total / len(starts))
+            ppl = math.exp(total / len(windows))
             rows.append({"system": args.model, "policy": name, "k": r.k, "dataset": "wikitext-2-raw", "split": "test",
-                         "context_tokens": length, "target_tokens": 128, "windows": len(starts),
+                         "context_tokens": length, "target_tokens": 128, "windows": len(windows),
                          "expansion": 1.0 if name == "full" else args.expansion, "perplexity": round(ppl, 3),
                          "ppl_vs_full": round(ppl / full, 4), "labelled_windows": len(labelled),
                          "cv_top25_gain": cv, "feature_gain_correlation": corr})
             print(f"L={length:5d} {name:22s} ppl {ppl:8.3f}  {ppl / full:.3f}x full")
-        print(f"L={length}: {len(starts)} windows in {time.perf_counter() - t0:.0f} s")
+        print(f"L={length}: {len(windows)} windows in {time.perf_counter() - t0:.0f} s")
     print(write_results(args.name, rows, device_name("cpu")))
 
 

@@ -105,32 +105,41 @@ def _score_window(refrag_at, cfg: EvalConfig, plain: Refrag | None, ctx_ids: lis
             positions[key] = positions.get(key, 0) + lay.n_positions(expand)
 
 
+def wikitext_test_ids(tokenizer, data_root: Path) -> list[int]:
+    """WikiText-2 raw test, tokenized as one stream."""
+    return tokenizer.encode((data_root / "text/wikitext-2-raw/test.txt").read_text(), add_bos=False)
+
+
+def wikitext_windows(ids: list[int], length: int, target_tokens: int, limit: int) -> list[tuple[list[int], list[int]]]:
+    """The `limit` evenly spaced (context of `length`, next `target_tokens`) windows the WikiText eval scores."""
+    span = length + target_tokens
+    starts = [i * (len(ids) - span) // max(limit, 1) for i in range(limit)]
+    return [(ids[s:s + length], ids[s + length:s + span]) for s in starts]
+
+
 @torch.no_grad()
 def wikitext_rows(refrag_at, cfg: EvalConfig, console=None, plain: Refrag | None = None) -> list[dict]:
-    base: Refrag = refrag_at(cfg.ks[0])
-    text = (cfg.data_root / "text/wikitext-2-raw/test.txt").read_text()
-    ids = base.tokenizer.encode(text, add_bos=False)
+    ids = wikitext_test_ids(refrag_at(cfg.ks[0]).tokenizer, cfg.data_root)
     rows = []
     for length in cfg.contexts:
-        span = length + cfg.target_tokens
-        starts = [i * (len(ids) - span) // max(cfg.limit, 1) for i in range(cfg.limit)]
+        windows = wikitext_windows(ids, length, cfg.target_tokens, cfg.limit)
         nll: dict[tuple, float] = {}
         positions: dict[tuple, int] = {}
         t0 = time.perf_counter()
         with _progress(console) as bar:
-            task = bar.add_task(f"wikitext L={length}", total=len(starts))
-            for s in starts:
-                _score_window(refrag_at, cfg, plain, ids[s:s + length], ids[s + length:s + span], nll, positions)
+            task = bar.add_task(f"wikitext L={length}", total=len(windows))
+            for ctx_ids, target in windows:
+                _score_window(refrag_at, cfg, plain, ctx_ids, target, nll, positions)
                 bar.advance(task)
-        full_ppl = math.exp(nll[("full-context", "own")] / len(starts))
+        full_ppl = math.exp(nll[("full-context", "own")] / len(windows))
         for key, total in nll.items():
-            ppl = math.exp(total / len(starts))
+            ppl = math.exp(total / len(windows))
             rows.append(_which(key, cfg) | {
                 "dataset": "wikitext-2-raw", "split": "test", "context_tokens": length,
-                "target_tokens": cfg.target_tokens, "windows": len(starts), "perplexity": round(ppl, 3),
-                "ppl_vs_full": round(ppl / full_ppl, 4), "decoder_positions": round(positions[key] / len(starts), 1)})
+                "target_tokens": cfg.target_tokens, "windows": len(windows), "perplexity": round(ppl, 3),
+                "ppl_vs_full": round(ppl / full_ppl, 4), "decoder_positions": round(positions[key] / len(windows), 1)})
         if console is not None:
-            console.print(f"wikitext L={length}: {len(starts)} windows in {time.perf_counter() - t0:.0f} s, "
+            console.print(f"wikitext L={length}: {len(windows)} windows in {time.perf_counter() - t0:.0f} s, "
                           f"full ppl {full_ppl:.2f}")
     return rows
 

@@ -218,6 +218,17 @@ def test_layout_positions_skip_no_segment():
     assert layout.n_positions() == 4 and layout.n_positions({0}) == 6
 
 
+def test_wikitext_windows_are_evenly_spaced_contexts_with_their_continuations():
+    from sieve.refrag.eval import wikitext_windows
+
+    ids = list(range(1000))
+    windows = wikitext_windows(ids, 100, 20, 4)
+    assert [c[0] for c, _ in windows] == [0, 220, 440, 660]  # (1000 - 120) / 4 apart
+    assert all(c == list(range(c[0], c[0] + 100)) and t == list(range(c[0] + 100, c[0] + 120)) for c, t in windows)
+    assert wikitext_windows(ids, 880, 120, 3) == [(ids[:880], ids[880:])] * 3  # as long as the text: all start at 0
+    assert wikitext_windows(ids, 100, 20, 0) == []
+
+
 def test_wikitext_eval_rows_compare_compressed_full_and_the_base_decoder(refrag, tmp_path):
     """Expanding every block is the full-context row; a REFRAG model with its own tuned decoder also gets the plain
     backbone's baselines (decoder "base"), which differ from its own."""
