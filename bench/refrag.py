@@ -6,6 +6,8 @@ one question. Systems per size:
   full-context            tokens -> prefill -> first token (the plain backbone path)
   refrag-kK precomputed   block vectors stored at index time: projector + prefill over the compressed prompt
   refrag-kK encode        the same, plus encoding every block with the chunk encoder at request time
+  refrag-kK precomputed, expanded (--expansions)   stored vectors, the question encoded, a fraction of the blocks
+                          chosen by --policy and fed as tokens (what Answer does by default: 0.25, similarity)
 TTFT is prompt assembly + prefill + the first sampled token; decode tokens/s is over the next --new-tokens tokens
 (no stop token, so every system decodes the same number). Repetitions are interleaved across systems.
 Decoding is the service's: `generate.DecodeCursor` after one prefill over the prompt embeddings, as `Answerer`
@@ -15,6 +17,7 @@ Writes bench/results/NAME.json and NAME.png.
 
     python bench/refrag.py [--sizes 512,2048,8192] [--ks 8,16,32] [--new-tokens 32] [--repeat 3] [--threads 2]
                            [--device cpu] [--model refrag-k16] [--quant none] [--compile] [--name refrag-speed]
+                           [--expansions 0.25 --policy similarity]   (+ precomputed rows with blocks expanded)
 """
 
 from __future__ import annotations
@@ -74,7 +77,10 @@ def fitting(refrag: Refrag, passages: list[str], new_tokens: int) -> list[str]:
     return passages
 
 
-def systems_for(refrag: Refrag, passages: list[str], ks: list[int]) -> dict[str, tuple[dict, object]]:
+def systems_for(refrag: Refrag, passages: list[str], ks: list[int], expansions: list[float] = (),
+                policy: str = "similarity") -> dict[str, tuple[dict, object]]:
+    """name -> (row metadata, a function building the decoder input). `expansions`: more precomputed rows with
+    that fraction of blocks expanded by `policy` (the question encoded and the blocks chosen at request time)."""
     model = refrag.model
     tok = refrag.tokenizer
     out = {}
@@ -98,6 +104,15 @@ def systems_for(refrag: Refrag, passages: list[str], ks: list[int]) -> dict[str,
 
         out[f"k{k}-pre"] = ({"system": f"refrag-k{k}", "mode": "compressed-precomputed", "k": k}, precomputed)
         out[f"k{k}-enc"] = ({"system": f"refrag-k{k}", "mode": "compressed-encode", "k": k}, encode)
+        for e in expansions:
+            def expanded(pre=pre, e=e):  # as Answer does: the question's vector, the policy, the chosen blocks
+                tok.encode_batch(passages)
+                layout = qa_layout(tok, QUESTION, pre)
+                query = refrag.blocks.encode_query(QUESTION)
+                return refrag.embed(layout, refrag.choose_expansion(layout, e, query=query, policy=policy))
+
+            out[f"k{k}-pre-x{e:g}"] = ({"system": f"refrag-k{k}", "mode": "compressed-precomputed", "k": k,
+                                       "expansion": e, "policy": policy}, expanded)
     return out
 
 
@@ -114,6 +129,8 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=None)
     ap.add_argument("--quant", default="none", help="decoder weights: none (float32, packed on CPU), int8, int4")
     ap.add_argument("--compile", action="store_true", help="compiled decode step (AOTInductor on CPU)")
+    ap.add_argument("--expansions", default="", help="expansion fractions for more precomputed rows, e.g. 0.25")
+    ap.add_argument("--policy", default="similarity", help="the expansion policy of those rows")
     ap.add_argument("--name", default="refrag-speed")
     a = ap.parse_args()
     settings = Settings()
@@ -134,7 +151,7 @@ def main() -> None:
     for size in [int(x) for x in a.sizes.split(",")]:
         passages = fitting(refrag, chunks_of(refrag.tokenizer, text, size), a.new_tokens)
         context = sum(len(ids) for ids in refrag.tokenizer.encode_batch(passages, add_bos=False))
-        systems = systems_for(refrag, passages, ks)
+        systems = systems_for(refrag, passages, ks, [float(x) for x in a.expansions.split(",") if x], a.policy)
         for _, fn in systems.values():  # warm-up
             run(refrag.model, fn, 2, sync)
         got: dict[str, list] = {name: [] for name in systems}
@@ -151,7 +168,8 @@ def main() -> None:
                                 "decode_tokens_per_s": round((a.new_tokens - 1) / dec, 2) if dec > 0 else None,
                                 "new_tokens": a.new_tokens, "repeat": a.repeat,
                                 "decoder": decode_path(refrag.model)})
-            print(f"{context:>6} {meta['system']:<14} {meta['mode']:<24} positions {got[name][0][2]:>5}  "
+            mode = meta["mode"] + (f" x{meta['expansion']:g}" if "expansion" in meta else "")
+            print(f"{context:>6} {meta['system']:<14} {mode:<30} positions {got[name][0][2]:>5}  "
                   f"ttft {1000 * ttft:8.1f} ms  x{full_ttft / ttft:5.2f}  "
                   f"decode {rows[-1]['decode_tokens_per_s']} tok/s")
     device = device_name(str(backbone.device))
@@ -168,14 +186,15 @@ def plot(rows: list[dict], path: Path, device: str) -> None:
     import matplotlib.pyplot as plt
 
     sizes = sorted({r["passage_tokens"] for r in rows})
-    systems = list(dict.fromkeys((r["system"], r["mode"]) for r in rows))
+    systems = list(dict.fromkeys((r["system"], r["mode"], r.get("expansion")) for r in rows))
     fig, ax = plt.subplots(figsize=(9, 3.8))
     width = 0.8 / len(systems)
-    for i, (system, mode) in enumerate(systems):
-        got = {r["passage_tokens"]: r for r in rows if (r["system"], r["mode"]) == (system, mode)}
+    for i, (system, mode, e) in enumerate(systems):
+        got = {r["passage_tokens"]: r for r in rows
+               if (r["system"], r["mode"], r.get("expansion")) == (system, mode, e)}
         xs = [j + i * width for j, s in enumerate(sizes) if s in got]
-        bars = ax.bar(xs, [got[s]["ttft_ms"] for s in sizes if s in got], width,
-                      label=system if mode == "full" else f"{system} ({mode.split('-')[1]})")
+        label = system if mode == "full" else f"{system} ({mode.split('-')[1]}" + (f", {e:g} expanded)" if e else ")")
+        bars = ax.bar(xs, [got[s]["ttft_ms"] for s in sizes if s in got], width, label=label)
         if mode != "full":
             ax.bar_label(bars, labels=[f"{got[s]['ttft_speedup']:.1f}x" for s in sizes if s in got], fontsize=6)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(sizes))], [f"{s} context tokens" for s in sizes])

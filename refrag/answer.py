@@ -74,13 +74,16 @@ class Answerer:
         self._busy = threading.Lock()  # the decoder has one KV cache: one stream decodes at a time
 
     def stream(self, question: str, passages: Sequence[str | EncodedPassage], *, k: int | None = None,
-               expansion: float = 0.0, policy: str = "similarity", max_new_tokens: int = 128,
+               expansion: float | None = None, policy: str | None = None, max_new_tokens: int = 128,
                temperature: float = 0.0, cancel: threading.Event | None = None) -> AnswerStream:
         """Start answering `question` from `passages` (texts, or encodings precomputed at index time with the same
-        k). expansion: fraction of blocks fed as full tokens (0: all compressed, 1: the full-context prompt)."""
+        k). expansion: fraction of blocks fed as full tokens (0: all compressed, 1: the full-context prompt), picked
+        by `policy`; None: the model's defaults (`refrag.expansion` / `refrag.policy`, from its refrag.json)."""
         t0 = time.perf_counter()
         r = self.refrag
         k = r.k if k is None else k
+        expansion = r.expansion if expansion is None else expansion
+        policy = r.policy if policy is None else policy
         if not isinstance(question, str) or not question.strip():
             raise ValueError("the question is empty")
         if not passages:

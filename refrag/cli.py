@@ -52,8 +52,11 @@ def answer(
                                                         ".jsonl = one passage per line with 'text'/'title'")] = None,
     k: Annotated[int | None, typer.Option(help="block size in decoder tokens (default: the model's; on a server, "
                                                "the served model trained for it answers)")] = None,
-    expansion: Annotated[float, typer.Option(min=0.0, max=1.0, help="fraction of blocks fed as full tokens")] = 0.0,
-    policy: Annotated[str, typer.Option(help="similarity, recency or learned")] = "similarity",
+    expansion: Annotated[float | None, typer.Option(min=0.0, max=1.0, help=(
+        "fraction of blocks fed as full tokens (0: all compressed; default: the model's, 0.25 for shipped "
+        "ones)"))] = None,
+    policy: Annotated[str | None, typer.Option(help="similarity, recency or learned (default: the model's, "
+                                                    "similarity for shipped ones)")] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 128,
     model: Annotated[str, typer.Option(help="refrag-k16 or a REFRAG model folder (local; a server uses its "
                                             "own)")] = "refrag-k16",
@@ -104,11 +107,11 @@ def answer(
 
 
 def _answer_remote(remote: str, api_key: str | None, question: str, texts: list[str], collection: str | None,
-                   top_k: int, expansion: float, policy: str, max_new_tokens: int, stats: bool,
+                   top_k: int, expansion: float | None, policy: str | None, max_new_tokens: int, stats: bool,
                    block_size: int = 0) -> None:
     with remote_errors(), connect(remote, api_key) as client:
         stream = client.answer(question, collection=collection, passages=texts, k=top_k, expansion=expansion,
-                               policy=policy, max_new_tokens=max_new_tokens, block_size=block_size)
+                               policy=policy or "", max_new_tokens=max_new_tokens, block_size=block_size)
         try:
             for piece in stream:
                 sys.stdout.write(piece)

@@ -11,14 +11,19 @@ import torch
 from sieve.backbone import Tokenizer, Transformer
 
 from .encoder import BlockEncoder, ChunkEncoder, EncodedPassage
-from .policy import check_policy, score_blocks, select
+from .policy import DEFAULT_EXPANSION, DEFAULT_POLICY, check_policy, n_expanded, score_blocks, select
 from .projector import PolicyScorer, Projector
 from .prompt import Layout, embed_layout, lm_layout, qa_layout
 
 
 class Refrag:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, encoder: ChunkEncoder, projector: Projector,
-                 *, k: int = 16, scorer: PolicyScorer | None = None, name: str = "refrag"):
+                 *, k: int = 16, scorer: PolicyScorer | None = None, name: str = "refrag",
+                 expansion: float = DEFAULT_EXPANSION, policy: str = DEFAULT_POLICY):
+        n_expanded(1, expansion)  # validates the fraction
+        if check_policy(policy) == "learned" and scorer is None:
+            raise ValueError("the default policy is 'learned' but this model has no learned policy "
+                             "(policy.safetensors)")
         self.model = model
         self.tokenizer = tokenizer
         self.blocks = BlockEncoder(tokenizer, encoder)
@@ -26,6 +31,8 @@ class Refrag:
         self.scorer = scorer
         self.k = k  # the block size the projector was trained with
         self.name = name
+        self.expansion = expansion  # what an answer expands when its caller does not say (refrag.json)
+        self.policy = policy
 
     @property
     def device(self) -> torch.device:

@@ -1,6 +1,7 @@
 """A REFRAG model folder: `refrag.json` + small safetensors beside it, and loading one into a `Refrag`.
 
-    refrag.json             RefragConfig: backbone, chunk encoder, k, projector shape, policy shape, LoRA shape
+    refrag.json             RefragConfig: backbone, chunk encoder, k, projector shape, policy shape, LoRA shape,
+                            and the answer defaults (expansion, policy) for callers that do not set them
     projector.safetensors   the 2-layer MLP (fc1.weight/bias, fc2.weight/bias)
     policy.safetensors      optional learned expansion policy (PolicyScorer)
     adapter.safetensors     optional decoder LoRA (task tuning), merged at load into a private copy of the decoder
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 from sieve.backbone.lora import lora_state, merge_lora  # noqa: F401 (re-exported)
 
+from .policy import DEFAULT_EXPANSION, DEFAULT_POLICY
 from .projector import PolicyScorer, Projector
 
 CONFIG = "refrag.json"
@@ -44,6 +46,8 @@ class RefragConfig:
     lora_alpha: float = 0.0
     lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
     layout: str = "v1"  # prompt.py's layouts; bump when they change
+    expansion: float = DEFAULT_EXPANSION  # answers that do not set expansion / policy get these
+    policy: str = DEFAULT_POLICY
 
     def save(self, folder: Path) -> None:
         (folder / CONFIG).write_text(json.dumps(dataclasses.asdict(self), indent=1) + "\n")
@@ -117,4 +121,8 @@ def load_refrag(name_or_path: str | Path = DEFAULT, *, home: str | Path, device:
     if name is not None or encoder is None:
         encoder = load_chunk_encoder(source, device=str(backbone.device), name=name)
     projector, scorer = load_parts(folder, cfg, backbone.device)
-    return Refrag(model, backbone.tokenizer, encoder, projector, k=cfg.k, scorer=scorer, name=folder.name)
+    try:
+        return Refrag(model, backbone.tokenizer, encoder, projector, k=cfg.k, scorer=scorer, name=folder.name,
+                      expansion=cfg.expansion, policy=cfg.policy)
+    except ValueError as e:
+        raise ValueError(f"{folder / CONFIG}: {e}") from None

@@ -24,6 +24,11 @@ import torch.nn.functional as F
 from .projector import PolicyScorer
 
 POLICIES = ("similarity", "recency", "learned")
+# What an answer expands when the caller does not say (a model folder's refrag.json may set its own): a quarter of
+# the blocks, picked by similarity. Measured on NQ-open (100 questions, 20 documents each, refrag-k16): exact match
+# 0.13 against 0.05 fully compressed and 0.11 on the full-context prompt, with 36% of its decoder positions.
+DEFAULT_EXPANSION = 0.25
+DEFAULT_POLICY = "similarity"
 
 
 def check_policy(policy: str) -> str:

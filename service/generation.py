@@ -478,16 +478,16 @@ class AnswerServicer(answer_pb2_grpc.AnswerServiceServicer):
             raise invalid("max_new_tokens", f"{max_new} is over this server's limit of {s.max_new_tokens}")
         if not math.isfinite(request.temperature) or request.temperature < 0:
             raise invalid("temperature", f"must be 0 (greedy) or more, got {request.temperature}")
-        expansion = request.expansion if request.HasField("expansion") else 0.0
-        if not (math.isfinite(expansion) and 0.0 <= expansion <= 1.0):
+        expansion = float(request.expansion) if request.HasField("expansion") else None  # None: the model's default
+        if expansion is not None and not (math.isfinite(expansion) and 0.0 <= expansion <= 1.0):
             raise invalid("expansion", f"must be a fraction between 0 and 1, got {expansion}")
         from sieve.refrag.policy import check_policy
 
         try:
-            policy = check_policy(request.policy or "similarity")
+            policy = check_policy(request.policy) if request.policy else None  # None: the model's default
         except ValueError as e:
             raise invalid("policy", str(e)) from None
-        return max_new, float(request.temperature), float(expansion), policy
+        return max_new, float(request.temperature), expansion, policy
 
     @rpc_stream
     async def Answer(self, request, context):

@@ -291,10 +291,10 @@ class SieveClient:
         """Answer `question` from the top `k` chunks of `collection` (Search with the question, `filters` on
         metadata), or from `passages` sent now, with REFRAG compressed decoding. Returns at once; iterate the
         stream for the text pieces as they are generated (`.citations`, `.usage`, `.finish_reason` fill in as it
-        goes; `.cancel()` stops the server). `expansion`: fraction of context blocks fed as full tokens (0..1),
-        chosen by `policy` ("similarity", the default; "recency"; "learned"); `block_size`: decoder tokens per
-        compressed block, answered by the served model trained for it (`info().answerers`); 0 values: the server's
-        defaults.
+        goes; `.cancel()` stops the server). `expansion`: fraction of context blocks fed as full tokens (0..1; 0
+        compresses every block), chosen by `policy` ("similarity", "recency", "learned"); None / "": the served
+        model's defaults (shipped models: 0.25 by similarity); `block_size`: decoder tokens per compressed block,
+        answered by the served model trained for it (`info().answerers`); 0 values: the server's defaults.
         No retries: a stream is not replayed."""
         request = cv.answer_request(question, collection, passages, k, max_new_tokens, temperature, expansion,
                                     filters, policy, block_size)

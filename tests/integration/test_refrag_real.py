@@ -7,6 +7,7 @@ import pytest
 import torch
 from sieve.backbone import generate
 from sieve.refrag import Answerer, EncodedPassage, load_block_encoder, load_refrag
+from sieve.refrag.policy import n_expanded
 
 pytestmark = pytest.mark.integration
 
@@ -31,12 +32,17 @@ def test_expand_all_is_the_token_path_and_compression_shortens_the_prompt(refrag
     layout = refrag.qa_layout("when is the next deadpool movie being released", refrag.encode(PASSAGES))
     want = generate(refrag.model, [layout.full_ids()], max_new_tokens=12, stop_tokens=refrag.tokenizer.eos_ids)[0]
     assert full.token_ids == want and text == refrag.tokenizer.decode(want)
-    comp = answerer.stream("when is the next deadpool movie being released", PASSAGES, max_new_tokens=8)
+    comp = answerer.stream("when is the next deadpool movie being released", PASSAGES, expansion=0.0,
+                           max_new_tokens=8)
     pieces = list(comp)
     assert comp.stats.generated_tokens >= 1 and "".join(pieces) == comp.text
     block_tokens = sum(len(p.token_ids) for p in refrag.encode(PASSAGES))
     assert comp.stats.prompt_positions == comp.stats.full_prompt_tokens - block_tokens + comp.stats.blocks
     assert comp.passages == [0, 1]
+    default = answerer.stream("when is the next deadpool movie being released", PASSAGES, max_new_tokens=2)
+    "".join(default)  # the shipped default (refrag.json): a quarter of the blocks by similarity
+    assert default.stats.expanded == n_expanded(comp.stats.blocks, 0.25) > 0
+    assert comp.stats.prompt_positions < default.stats.prompt_positions < full.stats.prompt_positions
 
 
 def test_index_time_encodings_match_and_survive_storage(refrag, sieve_home):
@@ -98,7 +104,7 @@ def test_shipped_models_use_their_own_block_size(smollm2, sieve_home, name, k, p
     r = load_refrag(name, home=sieve_home, backbone=smollm2)
     assert r.k == k and (r.scorer is not None) == policy
     q = "when is the next deadpool movie being released"
-    comp = Answerer(r).stream(q, PASSAGES, max_new_tokens=4)
+    comp = Answerer(r).stream(q, PASSAGES, expansion=0.0, max_new_tokens=4)
     "".join(comp)
     encoded = r.encode(PASSAGES)
     assert comp.stats.blocks == sum(math.ceil(len(p.token_ids) / k) for p in encoded)

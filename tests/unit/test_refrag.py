@@ -2,6 +2,7 @@
 assembly (expand-all == the full-context token path), expansion anywhere, streaming order, cancellation, errors,
 index-time records."""
 
+import re
 import threading
 
 import pytest
@@ -227,6 +228,69 @@ def test_precomputed_encodings_give_the_same_answer_as_texts(refrag):
         answerer.stream("q?", pre, k=8)
 
 
+def test_unset_expansion_and_policy_take_the_models_defaults(backbone):
+    torch.manual_seed(0)
+    projector = Projector(HashEncoder.dim, backbone.args.dim, 32, out_rms=0.08).eval().requires_grad_(False)
+    r = Refrag(backbone.model, backbone.tokenizer, HashEncoder(), projector, k=4, expansion=0.5, policy="recency")
+    answerer = Answerer(r)
+    passages = [text(30, 1), text(30, 2), text(30, 3)]
+    default = answerer.stream("cancer blood", passages, max_new_tokens=4)
+    list(default)
+    said = answerer.stream("cancer blood", passages, expansion=0.5, policy="recency", max_new_tokens=4)
+    list(said)
+    assert default.expanded == said.expanded and default.token_ids == said.token_ids
+    assert len(default.expanded) == n_expanded(default.stats.blocks, 0.5) > 0
+    blocks = r.qa_layout("cancer blood", r.encode(passages, 4)).blocks  # recency: the last blocks of the context
+    m = len(default.expanded)
+    assert default.expanded == sorted((b.passage, b.block) for b in blocks[len(blocks) - m:])
+    by_similarity = answerer.stream("cancer blood", passages, policy="similarity", max_new_tokens=1)  # default 0.5
+    assert len(by_similarity.expanded) == len(default.expanded) and by_similarity.expanded != default.expanded
+    nothing = answerer.stream("cancer blood", passages, expansion=0.0, max_new_tokens=1)
+    assert nothing.expanded == [] and nothing.stats.expanded == 0
+    plain = Refrag(backbone.model, backbone.tokenizer, HashEncoder(), projector, k=4)  # library defaults
+    assert (plain.expansion, plain.policy) == (0.25, "similarity")
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"expansion": 1.5}, "between 0 and 1"),
+    ({"policy": "random"}, "unknown expansion policy"),
+    ({"policy": "learned"}, "no learned policy"),
+])
+def test_bad_default_expansion_is_refused_at_load(backbone, options, message):
+    projector = Projector(HashEncoder.dim, backbone.args.dim, 32).eval()
+    with pytest.raises(ValueError, match=message):
+        Refrag(backbone.model, backbone.tokenizer, HashEncoder(), projector, k=4, **options)
+
+
+def test_model_folder_sets_the_answer_defaults(backbone, tmp_path):
+    """refrag.json's expansion / policy reach the loaded model; a folder written before they existed gets the
+    library defaults; a bad value names the file."""
+    import json
+
+    from safetensors.torch import save_file
+    from sieve.refrag import load_refrag
+    from sieve.refrag.model_dir import CONFIG, PROJECTOR, RefragConfig, resolve_refrag, shipped
+
+    projector = Projector(HashEncoder.dim, backbone.args.dim, 32)
+    cfg = RefragConfig(encoder_dim=HashEncoder.dim, dim=backbone.args.dim, projector_hidden=32, policy_hidden=0,
+                       k=4, expansion=0.5, policy="recency")
+    cfg.save(tmp_path)
+    save_file(projector.state_dict(), str(tmp_path / PROJECTOR))
+    r = load_refrag(tmp_path, home=tmp_path / "home", backbone=backbone, encoder=HashEncoder())
+    assert (r.expansion, r.policy, r.k) == (0.5, "recency", 4)
+    raw = json.loads((tmp_path / CONFIG).read_text())
+    old = {k: v for k, v in raw.items() if k not in ("expansion", "policy")}
+    (tmp_path / CONFIG).write_text(json.dumps(old))
+    r = load_refrag(tmp_path, home=tmp_path / "home", backbone=backbone, encoder=HashEncoder())
+    assert (r.expansion, r.policy) == (0.25, "similarity")
+    (tmp_path / CONFIG).write_text(json.dumps(old | {"policy": "learned"}))  # no policy.safetensors here
+    with pytest.raises(ValueError, match=f"{CONFIG}: the default policy is 'learned'"):
+        load_refrag(tmp_path, home=tmp_path / "home", backbone=backbone, encoder=HashEncoder())
+    for name in shipped():  # what the shipped models answer with when a caller does not say
+        got = RefragConfig.load(resolve_refrag(name))
+        assert (got.expansion, got.policy) == (0.25, "similarity"), name
+
+
 def _count_forwards(model):
     calls = []
     # the final norm runs once per model pass: prompt forward or decode step
@@ -331,6 +395,11 @@ def test_answer_cli_streams_from_inline_and_file_passages(refrag, tmp_path, monk
     layout = refrag.qa_layout("which gene?", refrag.encode(given, 4))
     want = generate(refrag.model, [layout.full_ids()], max_new_tokens=5, stop_tokens=refrag.tokenizer.eos_ids)[0]
     assert "".join(refrag.tokenizer.stream_decode(want)) in res.stdout
+    default = runner.invoke(app, ["which gene?", text(40, 5), "--k", "4", "--max-new-tokens", "1"])  # no --expansion
+    blocks, expanded = map(int, re.search(r"(\d+) blocks, (\d+) expanded", default.output).groups())
+    assert default.exit_code == 0 and expanded == n_expanded(blocks, refrag.expansion) > 0
+    zero = runner.invoke(app, ["which gene?", text(40, 5), "--k", "4", "--max-new-tokens", "1", "--expansion", "0"])
+    assert re.search(r"\d+ blocks, 0 expanded", zero.output), zero.output
     bad = runner.invoke(app, ["  ", "a passage"])
     assert bad.exit_code == 1 and "question is empty" in bad.output
     missing = runner.invoke(app, ["q?", "--file", str(tmp_path / "nope.txt")])

@@ -14,6 +14,7 @@ import pytest
 import torch
 from sieve.backbone import ModelArgs, load_backbone
 from sieve.refrag import Answerer, EncodedPassage, Projector, Refrag
+from sieve.refrag.policy import n_expanded
 from sieve.reranker import Reranker
 from sieve.service.errors import Expired, QueueFull
 from sieve.service.generation import Generators, Lane, refrag_block_sizes
@@ -185,8 +186,25 @@ def test_answer_streams_the_library_answer_with_the_passages_used(server, refrag
     u = stream.usage
     assert (u.prompt_positions, u.full_prompt_tokens, u.generated_tokens) == (
         want.stats.prompt_positions, want.stats.full_prompt_tokens, want.stats.generated_tokens)
-    assert u.prompt_positions < u.full_prompt_tokens and u.expanded_blocks == 0 and u.precomputed_passages == 0
+    assert u.prompt_positions < u.full_prompt_tokens and u.precomputed_passages == 0
+    assert u.expanded_blocks == want.stats.expanded == n_expanded(u.blocks, refrag.expansion) > 0  # model's default
     assert stream.tokens == u.prompt_positions + u.generated_tokens
+
+
+def test_answer_expansion_zero_compresses_every_block_and_unset_takes_the_models_default(server, refrag):
+    """Unset expansion / policy: the served model's defaults (refrag.json); an explicit 0 is not 'unset'."""
+    passages = [text(30, 1), text(30, 2), text(30, 3)]
+    with server.client() as c:
+        unset = c.answer("cancer blood", passages=passages, max_new_tokens=3)
+        unset.read()
+        zero = c.answer("cancer blood", passages=passages, expansion=0.0, max_new_tokens=3)
+        zero.read()
+        said = c.answer("cancer blood", passages=passages, expansion=refrag.expansion, policy=refrag.policy,
+                        max_new_tokens=3)
+        said.read()
+    assert zero.usage.expanded_blocks == 0 and zero.usage.prompt_positions < unset.usage.prompt_positions
+    assert unset.usage.expanded_blocks == n_expanded(unset.usage.blocks, refrag.expansion) > 0
+    assert (unset.usage.prompt_positions, unset.text) == (said.usage.prompt_positions, said.text)
 
 
 def test_answer_with_expansion_and_the_async_client(server, refrag):
