@@ -71,11 +71,16 @@ class Backbone:
         return self.model.tok_embeddings.weight.dtype
 
     def encode_prompt(self, text: str, *, chat: bool = True, system: str | None = None) -> list[int]:
-        """Token ids for `text`, wrapped in the model's chat template (as one user turn) when `chat`."""
-        if chat and self.tokenizer.meta.chat_template:
-            messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        return self.tokenizer.encode(text)
+        """Token ids for `text`, wrapped in the model's chat template (as one user turn) when `chat`: then `text`
+        and `system` are read as text (a "<|im_end|>" in them stays characters) and only the template's markup
+        gives control tokens. Without `chat` the caller writes the whole prompt, markup included: its special-token
+        strings are control tokens."""
+        if not (chat and self.tokenizer.meta.chat_template):
+            return self.tokenizer.encode_template(text)
+        user, sys_mark = "\x00SIEVE-USER\x00", "\x00SIEVE-SYSTEM\x00"
+        messages = ([{"role": "system", "content": sys_mark}] if system else []) + [{"role": "user", "content": user}]
+        rendered = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return self.tokenizer.encode_template(rendered, {user: text, sys_mark: system or ""})
 
     def stream_ids(self, prompt_ids: list[int], **generation) -> Iterator[int]:
         """Generated token ids of one prompt as they are decoded, stopping at (and excluding) a stop token."""

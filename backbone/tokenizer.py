@@ -3,12 +3,19 @@
 Built once from a GGUF (transformers' GGUF converter) or read from a HF folder's tokenizer.json, then
 saved as `tokenizer.json` + `tokenizer_meta.json` beside the cached weights, so later starts need only the
 fast `tokenizers` library. Incremental detokenization for streaming lives here too.
+
+Special tokens ("<|im_start|>", "<|im_end|>", ...) are control tokens. `encode` reads text as text: a document,
+passage, query or question that contains "<|im_end|>" gets the tokens of those characters, never the control token
+(the `tokenizers` default would give the control token, so a document could end a chat turn or start a new one in
+a prompt). Text Sieve writes itself (a rendered chat template) goes through `encode_template`, which reads the
+template's special tokens as such and the values put into it as text.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+import re
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -31,7 +38,14 @@ class Tokenizer:
     def __init__(self, tok: tokenizers.Tokenizer, meta: TokenizerMeta):
         self.tok = tok
         self.meta = meta
-        self.special_ids = {i for i, t in tok.get_added_tokens_decoder().items() if t.special}
+        specials = {t.content: i for i, t in tok.get_added_tokens_decoder().items() if t.special}
+        self.special_ids = set(specials.values())
+        self._special_by_text = specials
+        # longest first, so a special token that contains another is matched whole; () keeps them in split()
+        self._special_re = re.compile("(" + "|".join(map(re.escape, sorted(specials, key=len, reverse=True))) + ")"
+                                      ) if specials else None
+        self._text = tokenizers.Tokenizer.from_str(tok.to_str())  # the same tokenizer, special-token strings as text
+        self._text.encode_special_tokens = True
 
     @property
     def eos_ids(self) -> list[int]:
@@ -48,16 +62,38 @@ class Tokenizer:
         return self.tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, *, add_bos: bool | None = None) -> list[int]:
-        ids = self.tok.encode(text, add_special_tokens=False).ids
-        if (self.meta.add_bos if add_bos is None else add_bos) and self.meta.bos_id is not None:
-            ids = [self.meta.bos_id, *ids]
-        return ids
+        """Token ids of `text` read as text: special-token strings in it are characters, not control tokens."""
+        return self._with_bos(self._text.encode(text, add_special_tokens=False).ids, add_bos)
 
     def encode_batch(self, texts: list[str], *, add_bos: bool | None = None) -> list[list[int]]:
-        out = [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+        return [self._with_bos(e.ids, add_bos) for e in self._text.encode_batch(texts, add_special_tokens=False)]
+
+    def offsets(self, text: str) -> list[tuple[int, int]]:
+        """(start, end) character offsets of each token `encode(text)` gives."""
+        return list(self._text.encode(text, add_special_tokens=False).offsets)
+
+    def encode_template(self, template: str, values: Mapping[str, str] | None = None, *,
+                        add_bos: bool | None = None) -> list[int]:
+        """Token ids of text Sieve wrote (a rendered chat template): its special-token strings are control tokens.
+        Each key of `values` is a marker in `template`, replaced by its value read as text (`encode`), so what a
+        user sent cannot become a control token. For values without special-token strings the ids equal those of
+        the substituted text encoded in one go with its special tokens read as such (they split the text anyway)."""
+        pieces = self._special_re.split(template) if self._special_re else [template]
+        ids: list[int] = []
+        for i, piece in enumerate(pieces):  # text, special, text, special, ..., text
+            if i % 2:
+                ids.append(self._special_by_text[piece])
+                continue
+            for marker, value in (values or {}).items():
+                piece = piece.replace(marker, value)
+            if piece:
+                ids += self._text.encode(piece, add_special_tokens=False).ids
+        return self._with_bos(ids, add_bos)
+
+    def _with_bos(self, ids: list[int], add_bos: bool | None) -> list[int]:
         if (self.meta.add_bos if add_bos is None else add_bos) and self.meta.bos_id is not None:
-            out = [[self.meta.bos_id, *ids] for ids in out]
-        return out
+            return [self.meta.bos_id, *ids]
+        return ids
 
     def decode(self, ids: Iterable[int], *, skip_special: bool = True) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special)

@@ -74,7 +74,7 @@ class LLMEncoder:
 
     def token_spans(self, text: str) -> list[tuple[int, int]]:
         """(start, end) character offsets of each of the text's tokens, as `prepare` tokenizes it."""
-        return list(self.backbone.tokenizer.tok.encode(text, add_special_tokens=False).offsets)
+        return self.backbone.tokenizer.offsets(text)
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         out = self.backbone.model(ids, attention_mask=mask, mode="bidirectional", return_logits=False)

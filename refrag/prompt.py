@@ -29,6 +29,7 @@ from .encoder import EncodedPassage
 
 INSTRUCTION = "Answer the question using the documents below. Reply with a short answer."
 _MARK = "\x00REFRAG-CONTEXT\x00"
+_QUESTION = "\x00REFRAG-QUESTION\x00"
 
 
 @dataclass
@@ -89,9 +90,10 @@ def lm_layout(tokenizer: Tokenizer, context: EncodedPassage, target_ids: Sequenc
     return Layout(segs, [0])
 
 
-def qa_template(tokenizer: Tokenizer, question: str, instruction: str = INSTRUCTION) -> tuple[str, str]:
-    """(text before the documents, text after them), with the question after the documents."""
-    user = f"{instruction}\n\n{_MARK}Question: {question}"
+def qa_template(tokenizer: Tokenizer, instruction: str = INSTRUCTION) -> tuple[str, str]:
+    """(template text before the documents, after them), the question after the documents as the marker
+    `_QUESTION` (`encode_template` puts it in as text)."""
+    user = f"{instruction}\n\n{_MARK}Question: {_QUESTION}"
     if tokenizer.meta.chat_template:
         text = tokenizer.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True)
     else:
@@ -102,15 +104,16 @@ def qa_template(tokenizer: Tokenizer, question: str, instruction: str = INSTRUCT
 
 def qa_layout(tokenizer: Tokenizer, question: str, passages: Sequence[EncodedPassage] = (),
               instruction: str = INSTRUCTION) -> Layout:
-    """The answer prompt; with no passages it is the closed-book prompt."""
-    before, after = qa_template(tokenizer, question, instruction)
-    segs = [Segment(tokenizer.encode(before, add_bos=False))]
+    """The answer prompt; with no passages it is the closed-book prompt. The question and the passages are read as
+    text: a special-token string in them ("<|im_end|>") cannot end the user's turn."""
+    before, after = qa_template(tokenizer, instruction)
+    segs = [Segment(tokenizer.encode_template(before, add_bos=False))]
     sep = tokenizer.encode("\n\n", add_bos=False)
     for i, p in enumerate(passages):
         segs.append(Segment(tokenizer.encode(f"Document [{i + 1}]\n", add_bos=False)))
         segs += block_segments(p, i)
         segs.append(Segment(list(sep)))
-    segs.append(Segment(tokenizer.encode(after, add_bos=False)))
+    segs.append(Segment(tokenizer.encode_template(after, {_QUESTION: question}, add_bos=False)))
     return Layout(segs, list(range(len(passages))))
 
 

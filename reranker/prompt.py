@@ -66,6 +66,7 @@ RANKGPT = PromptTemplate(
 # to the id the answer copies (the leading label has seen none of the passage).
 RANKGPT_ECHO = dataclasses.replace(RANKGPT, name="rankgpt-echo", body="[{rank}] {passage} [{rank}]\n")
 TEMPLATES = {t.name: t for t in (RANKGPT, RANKGPT_ECHO)}
+_QUERY = "\x00SIEVE-QUERY\x00"  # where the query goes in a template (read as text, see Tokenizer.encode_template)
 
 
 @dataclass
@@ -131,8 +132,10 @@ class PromptBuilder:
         p_ids = passages if passages and isinstance(passages[0], list) else self.passage_ids(passages)
         q = self.tok.encode(" ".join(query.split()))[: self.max_query_tokens]
         query_text = self.tok.decode(q)
-        head = self.tok.encode(self.chat_head + self.template.prefix.format(n=n, query=query_text))
-        tail = self.tok.encode(self.template.suffix.format(n=n, query=query_text) + self.chat_tail)
+        # the query goes in as text (a "<|im_end|>" in it stays characters); the chat markup as control tokens
+        query_at = {_QUERY: query_text}
+        head = self.tok.encode_template(self.chat_head + self.template.prefix.format(n=n, query=_QUERY), query_at)
+        tail = self.tok.encode_template(self.template.suffix.format(n=n, query=_QUERY) + self.chat_tail, query_at)
         answer = self.ids.output_length(n) if reserve is None else reserve
         fixed = len(head) + len(tail) + answer + sum(len(self.label_ids(r)) + len(self.after_ids(r))
                                                      for r in range(1, n + 1))

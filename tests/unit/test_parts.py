@@ -107,7 +107,8 @@ def test_stream_decode_releases_invalid_and_unfinished_bytes(gguf_tokenizer):
 
 def test_chat_template_and_special_tokens(gguf_tokenizer):
     tok = gguf_tokenizer
-    ids = tok.encode(tok.apply_chat_template([{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]))
+    ids = tok.encode_template(tok.apply_chat_template([{"role": "system", "content": "s"},
+                                                       {"role": "user", "content": "u"}]))
     assert ids.count(254) == 3  # <|im_start|> for system, user and the assistant prompt
     assert tok.decode(ids) == "system\ns\nuser\nu\nassistant\n"  # specials dropped when decoding
     assert tok.encode("x", add_bos=True)[0] == 254
