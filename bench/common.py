@@ -2,13 +2,33 @@
 
 from __future__ import annotations
 
+import signal
+import socket
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
 
 from sieve.results import RESULTS, device_name, git_commit, write_results
 
-__all__ = ["RESULTS", "cuda_graph_seconds", "device_name", "git_commit", "timeit_paired", "write_results"]
+__all__ = ["RESULTS", "cuda_graph_seconds", "device_name", "free_port", "git_commit", "stop", "timeit_paired",
+           "write_results"]
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on now (for a server process a bench starts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM a server process a bench started; kill it if it has not exited within a minute."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 def timeit_paired(fns: dict[str, Callable[[], object]], *, warmup: int = 1, repeat: int = 5,

@@ -18,8 +18,6 @@ import argparse
 import asyncio
 import os
 import random
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, device_name, write_results  # noqa: E402
+from common import RESULTS, device_name, free_port, stop, write_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "all-minilm-l6-v2"
@@ -41,12 +39,6 @@ WORDS = ("retrieval model query document vector index search rank answer token b
 def make_texts(n: int, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 60))) for _ in range(n)]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def summary(system: str, concurrency: int, latencies: list[float], texts: int, seconds: float, errors: int,
@@ -171,14 +163,6 @@ def run_infinity(url: str, model_id: str, requests: list[list[str]], concurrency
     latencies, errors, seconds = asyncio.run(_drive(call, requests, concurrency))
     pool.shutdown()
     return summary("infinity", concurrency, latencies, sum(map(len, requests)), seconds, errors, args)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
 
 
 # -- main ----------------------------------------------------------------------------------------------------
