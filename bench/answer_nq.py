@@ -165,6 +165,7 @@ def plot(rows: list[dict], path: Path, device: str) -> None:
         ax.scatter(r["ttft_ms"], r["accuracy"], s=40)
         ax.annotate(f"{r['setting']} (EM {r['exact_match']:.2f})", (r["ttft_ms"], r["accuracy"]), fontsize=8,
                     xytext=(4, 4), textcoords="offset points")
+    ax.margins(x=0.2, y=0.15)  # room for the labels
     ax.set_xlabel("mean time to first token, ms (server-reported)")
     ax.set_ylabel("accuracy")
     ax.set_title(f"NQ-open through Answer(collection), k={rows[0]['k']}, {rows[0]['questions']} questions\n{device}",
