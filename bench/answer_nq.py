@@ -23,16 +23,14 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, device_name, free_port, stop, write_results  # noqa: E402
+from common import RESULTS, device_name, start_server, stop, write_results  # noqa: E402
 from sieve.refrag.data import exact_match, has_answer, nq_eval  # noqa: E402
 
 from sieve.settings import Settings  # noqa: E402
@@ -65,29 +63,6 @@ def score(rows: list[dict]) -> dict:
             "expanded_blocks": round(statistics.mean(r["expanded"] for r in rows), 2)}
 
 
-def start_server(home: Path, threads: int) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    env = dict(os.environ, SIEVE_HOME=str(home), SIEVE_THREADS=str(threads), SIEVE_LOG_LEVEL="WARNING",
-               SIEVE_METRICS_PORT="-1")
-    log = open(home / "server.log", "w")  # noqa: SIM115 (kept open for the process's life)
-    proc = subprocess.Popen([sys.executable, "-m", "sieve.service", "--port", str(port)], env=env, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    from sieve_client import SieveClient
-
-    with SieveClient(f"127.0.0.1:{port}") as c:
-        deadline = time.monotonic() + 600
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the server exited with {proc.returncode}; see {home / 'server.log'}")
-            try:
-                c.wait_until_serving(timeout=2)
-                break
-            except TimeoutError:
-                if time.monotonic() > deadline:
-                    raise
-    return proc, f"127.0.0.1:{port}"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--questions", type=int, default=50)
@@ -105,7 +80,10 @@ def main() -> None:
     docs = corpus(examples)
     home = a.home or Path(tempfile.mkdtemp(prefix="sieve-answer-nq-"))
     home.mkdir(parents=True, exist_ok=True)
-    proc, target = start_server(home, a.threads)
+    log = open(home / "server.log", "w")  # noqa: SIM115 (open for the server's life)
+    proc, target = start_server({"SIEVE_HOME": str(home), "SIEVE_THREADS": str(a.threads),
+                                 "SIEVE_LOG_LEVEL": "WARNING", "SIEVE_METRICS_PORT": "-1"},
+                                worker=True, log=log, timeout=600)
     per: dict[str, list[dict]] = {name: [] for name in SETTINGS}
     try:
         with SieveClient(target) as c, Progress() as bar:

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 
 from sieve.results import RESULTS, device_name, git_commit, write_results
 
-__all__ = ["RESULTS", "cuda_graph_seconds", "device_name", "free_port", "git_commit", "stop", "timeit_paired",
-           "write_results"]
+__all__ = ["RESULTS", "cuda_graph_seconds", "device_name", "free_port", "git_commit", "start_server", "stop",
+           "timeit_paired", "write_results"]
 
 
 def free_port() -> int:
@@ -20,6 +22,32 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def start_server(env: dict[str, str], *, worker: bool = False, log=subprocess.DEVNULL, timeout: float = 300
+                 ) -> tuple[subprocess.Popen, str]:
+    """A `python -m sieve.service` process on a free loopback port with `env` added to this one's, (with its
+    embedded worker when `worker`), once health says SERVING -> (process, "127.0.0.1:port")."""
+    from sieve_client import SieveClient
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "sieve.service", "--port", str(port),
+                             *([] if worker else ["--no-worker"])], env=dict(os.environ, **env), stdout=log,
+                            stderr=subprocess.STDOUT if log is not subprocess.DEVNULL else None,
+                            start_new_session=True)
+    with SieveClient(f"127.0.0.1:{port}") as c:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the Sieve server exited with {proc.returncode} (see its output)")
+            try:
+                c.wait_until_serving(timeout=2)
+                break
+            except TimeoutError:
+                if time.monotonic() > deadline:
+                    stop(proc)
+                    raise
+    return proc, f"127.0.0.1:{port}"
 
 
 def stop(proc: subprocess.Popen) -> None:

@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, device_name, free_port, stop, write_results  # noqa: E402
+from common import RESULTS, device_name, free_port, start_server, stop, write_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "all-minilm-l6-v2"
@@ -91,25 +91,9 @@ async def _drive(call, requests: list[list[str]], concurrency: int) -> tuple[lis
 
 
 def start_sieve(args) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    env = dict(os.environ, SIEVE_EMBEDDER=MODEL, SIEVE_THREADS=str(args.threads), SIEVE_LOG_LEVEL="WARNING",
-               SIEVE_HOME=str(args.home), SIEVE_MAX_QUEUED_TEXTS="100000", SIEVE_METRICS_PORT="-1")
-    proc = subprocess.Popen([sys.executable, "-m", "sieve.service", "--port", str(port), "--no-worker"], env=env,
-                            stdout=subprocess.DEVNULL)
-    from sieve_client import SieveClient
-
-    with SieveClient(f"127.0.0.1:{port}") as c:
-        deadline = time.monotonic() + 300
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the Sieve server exited with {proc.returncode} (see its output above)")
-            try:
-                c.wait_until_serving(timeout=2)
-                break
-            except TimeoutError:
-                if time.monotonic() > deadline:
-                    raise
-    return proc, f"127.0.0.1:{port}"
+    return start_server({"SIEVE_EMBEDDER": MODEL, "SIEVE_THREADS": str(args.threads), "SIEVE_LOG_LEVEL": "WARNING",
+                         "SIEVE_HOME": str(args.home), "SIEVE_MAX_QUEUED_TEXTS": "100000",
+                         "SIEVE_METRICS_PORT": "-1"})
 
 
 def run_sieve(target: str, requests: list[list[str]], concurrency: int, args) -> dict:
