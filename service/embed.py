@@ -57,7 +57,8 @@ class InfoServicer(info_pb2_grpc.InfoServiceServicer):
         gen = self.state.generation
         generation = {}
         if gen is not None:
-            answerers = [info_pb2.GenerationModelInfo(name=slot.name, loaded=slot.model is not None, block_size=k)
+            answerers = [info_pb2.GenerationModelInfo(name=slot.name, loaded=slot.model is not None, block_size=k,
+                                                      **_answer_defaults(slot))
                          for k, slot in gen.answer_slots()]
             if gen.rerank_slot.loader is not None:
                 generation["reranker"] = info_pb2.GenerationModelInfo(name=gen.rerank_slot.name,
@@ -162,3 +163,18 @@ def _version() -> str:
         return importlib.metadata.version("sieve")
     except importlib.metadata.PackageNotFoundError:
         return "unknown"
+
+
+def _answer_defaults(slot) -> dict:
+    """What Answer does with expansion / policy unset on this REFRAG model: the loaded model's, else its folder's
+    refrag.json (a few hundred bytes); nothing when neither can be read."""
+    if slot.model is not None:
+        refrag = slot.model.refrag
+        return {"default_expansion": refrag.expansion, "default_policy": refrag.policy}
+    from sieve.refrag import RefragConfig, resolve_refrag
+
+    try:
+        cfg = RefragConfig.load(resolve_refrag(slot.name))
+    except (OSError, ValueError):
+        return {}
+    return {"default_expansion": cfg.expansion, "default_policy": cfg.policy}

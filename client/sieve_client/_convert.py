@@ -114,7 +114,8 @@ def server_info(r: info_pb2.InfoResponse) -> ServerInfo:
 
 
 def _generation_model(m: info_pb2.GenerationModelInfo) -> GenerationModel:
-    return GenerationModel(m.name, m.loaded, m.block_size)
+    expansion = round(m.default_expansion, 6) if m.HasField("default_expansion") else None  # float32 on the wire
+    return GenerationModel(m.name, m.loaded, m.block_size, expansion, m.default_policy)
 
 
 def _time(message, name: str):

@@ -60,11 +60,14 @@ class ModelInfo:
 @dataclass
 class GenerationModel:
     """The reranker or a REFRAG model of a server: its name, whether a call has loaded it yet, and (REFRAG) the
-    block size it serves (Answer's `block_size`)."""
+    block size it serves (Answer's `block_size`) and what Answer does when a call leaves `expansion` / `policy`
+    unset (None / "" when the server does not say)."""
 
     name: str
     loaded: bool
     block_size: int = 0
+    default_expansion: float | None = None
+    default_policy: str = ""
 
 
 @dataclass

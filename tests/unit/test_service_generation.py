@@ -167,7 +167,28 @@ def test_info_names_the_models_and_limits(server):
     assert (info.reranker.name, info.reranker.loaded) == ("tiny-rank", True)
     assert (info.answerer.name, info.answerer.block_size) == ("tiny-refrag", 4)
     assert [(a.name, a.block_size) for a in info.answerers] == [("tiny-refrag", 4)]
+    assert (info.answerer.default_expansion, info.answerer.default_policy) == (0.25, "similarity")
+    assert (info.reranker.default_expansion, info.reranker.default_policy) == (None, "")
     assert info.limits["max_rerank_passages"] == 8 and info.limits["max_new_tokens"] == 300
+
+
+def test_info_reads_an_unloaded_models_answer_defaults_from_its_folder(tmp_path):
+    """Before a REFRAG model loads, Info reads its defaults from refrag.json; a folder it cannot read gives none."""
+    import json
+    from types import SimpleNamespace
+
+    from sieve.refrag.model_dir import CONFIG, RefragConfig
+    from sieve.service.embed import _answer_defaults
+
+    assert _answer_defaults(SimpleNamespace(model=None, name="refrag-k16")) == {"default_expansion": 0.25,
+                                                                                 "default_policy": "similarity"}
+    RefragConfig(expansion=0.5, policy="recency").save(tmp_path)
+    assert _answer_defaults(SimpleNamespace(model=None, name=str(tmp_path))) == {"default_expansion": 0.5,
+                                                                                  "default_policy": "recency"}
+    (tmp_path / CONFIG).write_text("{not json")
+    assert _answer_defaults(SimpleNamespace(model=None, name=str(tmp_path))) == {}
+    assert _answer_defaults(SimpleNamespace(model=None, name=str(tmp_path / "nowhere"))) == {}
+    assert json.loads(json.dumps(_answer_defaults(SimpleNamespace(model=None, name="refrag-k8"))))
 
 
 # ------------------------------------------------------------------------------------------------------ answer

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13sieve/v1/info.proto\x12\x08sieve.v1\"\r\n\x0bInfoRequest\"\xb5\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03\x64im\x18\x02 \x01(\r\x12\x12\n\nmax_length\x18\x03 \x01(\r\x12\x17\n\x0f\x64\x65\x66\x61ult_pooling\x18\x04 \x01(\t\x12\x19\n\x11query_instruction\x18\x05 \x01(\t\x12\x1c\n\x14\x64ocument_instruction\x18\x06 \x01(\t\x12\x0e\n\x06loaded\x18\x07 \x01(\x08\x12\x17\n\x0fint8_calibrated\x18\x08 \x01(\x08\"\x9a\x02\n\x06Limits\x12\x1d\n\x15max_texts_per_request\x18\x01 \x01(\r\x12\x18\n\x10max_batch_tokens\x18\x02 \x01(\r\x12\x18\n\x10max_queued_texts\x18\x03 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x04 \x01(\r\x12\r\n\x05max_k\x18\x05 \x01(\r\x12 \n\x18max_documents_per_upsert\x18\x06 \x01(\r\x12\x1b\n\x13max_rerank_passages\x18\x07 \x01(\r\x12\x1b\n\x13max_answer_passages\x18\x08 \x01(\r\x12\x16\n\x0emax_new_tokens\x18\t \x01(\r\x12\x1f\n\x17max_waiting_generations\x18\n \x01(\r\"G\n\x13GenerationModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06loaded\x18\x02 \x01(\x08\x12\x12\n\nblock_size\x18\x03 \x01(\r\"\xa7\x02\n\x0cInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x15\n\rdefault_model\x18\x02 \x01(\t\x12#\n\x06models\x18\x03 \x03(\x0b\x32\x13.sieve.v1.ModelInfo\x12 \n\x06limits\x18\x04 \x01(\x0b\x32\x10.sieve.v1.Limits\x12\x14\n\x0c\x61uth_enabled\x18\x05 \x01(\x08\x12/\n\x08reranker\x18\x06 \x01(\x0b\x32\x1d.sieve.v1.GenerationModelInfo\x12/\n\x08\x61nswerer\x18\x07 \x01(\x0b\x32\x1d.sieve.v1.GenerationModelInfo\x12\x30\n\tanswerers\x18\x08 \x03(\x0b\x32\x1d.sieve.v1.GenerationModelInfo2I\n\x0bInfoService\x12:\n\x04Info\x12\x15.sieve.v1.InfoRequest\x1a\x16.sieve.v1.InfoResponse\"\x03\x90\x02\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13sieve/v1/info.proto\x12\x08sieve.v1\"\r\n\x0bInfoRequest\"\xb5\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03\x64im\x18\x02 \x01(\r\x12\x12\n\nmax_length\x18\x03 \x01(\r\x12\x17\n\x0f\x64\x65\x66\x61ult_pooling\x18\x04 \x01(\t\x12\x19\n\x11query_instruction\x18\x05 \x01(\t\x12\x1c\n\x14\x64ocument_instruction\x18\x06 \x01(\t\x12\x0e\n\x06loaded\x18\x07 \x01(\x08\x12\x17\n\x0fint8_calibrated\x18\x08 \x01(\x08\"\x9a\x02\n\x06Limits\x12\x1d\n\x15max_texts_per_request\x18\x01 \x01(\r\x12\x18\n\x10max_batch_tokens\x18\x02 \x01(\r\x12\x18\n\x10max_queued_texts\x18\x03 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x04 \x01(\r\x12\r\n\x05max_k\x18\x05 \x01(\r\x12 \n\x18max_documents_per_upsert\x18\x06 \x01(\r\x12\x1b\n\x13max_rerank_passages\x18\x07 \x01(\r\x12\x1b\n\x13max_answer_passages\x18\x08 \x01(\r\x12\x16\n\x0emax_new_tokens\x18\t \x01(\r\x12\x1f\n\x17max_waiting_generations\x18\n \x01(\r\"\x95\x01\n\x13GenerationModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06loaded\x18\x02 \x01(\x08\x12\x12\n\nblock_size\x18\x03 \x01(\r\x12\x1e\n\x11\x64\x65\x66\x61ult_expansion\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\x16\n\x0e\x64\x65\x66\x61ult_policy\x18\x05 \x01(\tB\x14\n\x12_default_expansion\"\xa7\x02\n\x0cInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x15\n\rdefault_model\x18\x02 \x01(\t\x12#\n\x06models\x18\x03 \x03(\x0b\x32\x13.sieve.v1.ModelInfo\x12 \n\x06limits\x18\x04 \x01(\x0b\x32\x10.sieve.v1.Limits\x12\x14\n\x0c\x61uth_enabled\x18\x05 \x01(\x08\x12/\n\x08reranker\x18\x06 \x01(\x0b\x32\x1d.sieve.v1.GenerationModelInfo\x12/\n\x08\x61nswerer\x18\x07 \x01(\x0b\x32\x1d.sieve.v1.GenerationModelInfo\x12\x30\n\tanswerers\x18\x08 \x03(\x0b\x32\x1d.sieve.v1.GenerationModelInfo2I\n\x0bInfoService\x12:\n\x04Info\x12\x15.sieve.v1.InfoRequest\x1a\x16.sieve.v1.InfoResponse\"\x03\x90\x02\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,10 +39,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MODELINFO']._serialized_end=230
   _globals['_LIMITS']._serialized_start=233
   _globals['_LIMITS']._serialized_end=515
-  _globals['_GENERATIONMODELINFO']._serialized_start=517
-  _globals['_GENERATIONMODELINFO']._serialized_end=588
-  _globals['_INFORESPONSE']._serialized_start=591
-  _globals['_INFORESPONSE']._serialized_end=886
-  _globals['_INFOSERVICE']._serialized_start=888
-  _globals['_INFOSERVICE']._serialized_end=961
+  _globals['_GENERATIONMODELINFO']._serialized_start=518
+  _globals['_GENERATIONMODELINFO']._serialized_end=667
+  _globals['_INFORESPONSE']._serialized_start=670
+  _globals['_INFORESPONSE']._serialized_end=965
+  _globals['_INFOSERVICE']._serialized_start=967
+  _globals['_INFOSERVICE']._serialized_end=1040
 # @@protoc_insertion_point(module_scope)

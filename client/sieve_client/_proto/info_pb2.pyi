@@ -55,14 +55,18 @@ class Limits(_message.Message):
     def __init__(self, max_texts_per_request: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., max_queued_texts: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_k: _Optional[int] = ..., max_documents_per_upsert: _Optional[int] = ..., max_rerank_passages: _Optional[int] = ..., max_answer_passages: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., max_waiting_generations: _Optional[int] = ...) -> None: ...
 
 class GenerationModelInfo(_message.Message):
-    __slots__ = ("name", "loaded", "block_size")
+    __slots__ = ("name", "loaded", "block_size", "default_expansion", "default_policy")
     NAME_FIELD_NUMBER: _ClassVar[int]
     LOADED_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_EXPANSION_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_POLICY_FIELD_NUMBER: _ClassVar[int]
     name: str
     loaded: bool
     block_size: int
-    def __init__(self, name: _Optional[str] = ..., loaded: _Optional[bool] = ..., block_size: _Optional[int] = ...) -> None: ...
+    default_expansion: float
+    default_policy: str
+    def __init__(self, name: _Optional[str] = ..., loaded: _Optional[bool] = ..., block_size: _Optional[int] = ..., default_expansion: _Optional[float] = ..., default_policy: _Optional[str] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
     __slots__ = ("version", "default_model", "models", "limits", "auth_enabled", "reranker", "answerer", "answerers")
