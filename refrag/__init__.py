@@ -6,16 +6,60 @@ compression (encoder.py, prompt.py), the projector (projector.py), expansion (po
 (answer.py). Training is train.py, evaluation eval.py; neither is imported by inference.
 """
 
-from .answer import Answerer, AnswerStats, AnswerStream
-from .encoder import BlockEncoder, EncodedPassage, block_spans, encode_blocks, load_block_encoder
-from .model import Refrag
-from .model_dir import RefragConfig, load_refrag, resolve_refrag
-from .policy import POLICIES
-from .projector import PolicyScorer, Projector
-from .prompt import Layout, Segment, lm_layout, qa_layout
+# Names load on first use (PEP 562), so `import sieve.<package>` and the CLI that imports its commands do
+# not import torch: a `sieve ... --remote` call starts in a fraction of a second.
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .answer import Answerer, AnswerStats, AnswerStream
+    from .encoder import BlockEncoder, EncodedPassage, block_spans, encode_blocks, load_block_encoder
+    from .model import Refrag
+    from .model_dir import RefragConfig, load_refrag, resolve_refrag
+    from .policy import POLICIES
+    from .projector import PolicyScorer, Projector
+    from .prompt import Layout, Segment, lm_layout, qa_layout
+
+_WHERE = {
+    "Answerer": ".answer",
+    "AnswerStats": ".answer",
+    "AnswerStream": ".answer",
+    "BlockEncoder": ".encoder",
+    "EncodedPassage": ".encoder",
+    "block_spans": ".encoder",
+    "encode_blocks": ".encoder",
+    "load_block_encoder": ".encoder",
+    "Refrag": ".model",
+    "RefragConfig": ".model_dir",
+    "load_refrag": ".model_dir",
+    "resolve_refrag": ".model_dir",
+    "POLICIES": ".policy",
+    "PolicyScorer": ".projector",
+    "Projector": ".projector",
+    "Layout": ".prompt",
+    "Segment": ".prompt",
+    "lm_layout": ".prompt",
+    "qa_layout": ".prompt",
+}
 
 __all__ = [
     "POLICIES", "AnswerStats", "AnswerStream", "Answerer", "BlockEncoder", "EncodedPassage", "Layout", "PolicyScorer",
     "Projector", "Refrag", "RefragConfig", "Segment", "block_spans", "encode_blocks", "lm_layout", "load_block_encoder",
     "load_refrag", "qa_layout", "resolve_refrag",
 ]
+
+
+def __getattr__(name: str):
+    where = _WHERE.get(name)
+    if where is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(where, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
