@@ -6,13 +6,13 @@ compression (encoder.py, prompt.py), the projector (projector.py), expansion (po
 (answer.py). Training is train.py, evaluation eval.py; neither is imported by inference.
 """
 
-# Names load on first use (PEP 562), so `import sieve.<package>` and the CLI that imports its commands do
-# not import torch: a `sieve ... --remote` call starts in a fraction of a second.
+# Names load on first use (sieve/lazy.py): importing this package, as the CLI does, does not import torch.
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from sieve.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from .answer import Answerer, AnswerStats, AnswerStream
@@ -52,14 +52,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    where = _WHERE.get(name)
-    if where is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(where, __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _WHERE)

@@ -1,24 +1,13 @@
 """bench/refrag_policies.py's overlap policies on a tiny random REFRAG: content tokens, the overlap choice (tail kept,
 most-shared blocks added), and the decoder's draft (greedy, the same as step-by-step argmax)."""
 
+# ruff: noqa: F811  (the fixtures imported from test_refrag are this file's test arguments)
+
 import pytest
 import torch
-from sieve.refrag import EncodedPassage, Projector, Refrag
+from sieve.refrag import EncodedPassage
 
-from .test_refrag import HashEncoder, text
-from .tiny_files import load_tiny_backbone
-
-
-@pytest.fixture(scope="module")
-def backbone(tmp_path_factory):
-    return load_tiny_backbone(tmp_path_factory, max_seq_len=512)
-
-
-@pytest.fixture()
-def refrag(backbone):
-    torch.manual_seed(0)
-    projector = Projector(HashEncoder.dim, backbone.args.dim, 32, out_rms=0.08).eval().requires_grad_(False)
-    return Refrag(backbone.model, backbone.tokenizer, HashEncoder(), projector, k=4)
+from .test_refrag import backbone, refrag, text  # noqa: F401  (backbone and refrag are fixtures)
 
 
 @pytest.fixture
@@ -26,8 +15,8 @@ def rp(bench_module):
     return bench_module("refrag_policies")
 
 
-def ids_of(refrag, s):
-    return refrag.tokenizer.encode(s, add_bos=False)
+def ids_of(r, s):
+    return r.tokenizer.encode(s, add_bos=False)
 
 
 class Words:
