@@ -10,7 +10,7 @@ one question. Systems per size:
                           chosen by --policy and fed as tokens (what Answer does by default: 0.25, similarity)
 TTFT is prompt assembly + prefill + the first sampled token; decode tokens/s is over the next --new-tokens tokens
 (no stop token, so every system decodes the same number). Repetitions are interleaved across systems.
-Decoding is the service's: `generate.DecodeCursor` after one prefill over the prompt embeddings, as `Answerer`
+Decoding is the service's: `refrag.answer.prefill_embeds` (one prefill over the prompt embeddings), as `Answerer`
 does, on a decoder set up by `apply_speed_options` like the service's (float32: oneDNN-packed linears; --quant
 int8/int4 and --compile as SIEVE_DECODE_QUANT / SIEVE_COMPILE_DECODE).
 Writes bench/results/NAME.json and NAME.png.
@@ -33,9 +33,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, device_name, write_results  # noqa: E402
 from sieve.backbone import load_backbone  # noqa: E402
-from sieve.backbone.generate import DecodeCursor  # noqa: E402
 from sieve.backbone.runtime import apply_speed_options, decode_path  # noqa: E402
 from sieve.refrag import Refrag, load_refrag  # noqa: E402
+from sieve.refrag.answer import prefill_embeds  # noqa: E402
 from sieve.refrag.model_dir import RefragConfig, resolve_refrag  # noqa: E402
 from sieve.refrag.prompt import qa_layout  # noqa: E402
 
@@ -57,9 +57,7 @@ def run(model, embeds_fn, new_tokens: int, sync) -> tuple[float, float, int]:
     t0 = time.perf_counter()
     embeds = embeds_fn()
     t = embeds.shape[1]
-    cursor = DecodeCursor.start(model, torch.ones((1, t), dtype=torch.long, device=embeds.device), t + new_tokens)
-    logits = model(inputs_embeds=embeds, input_pos=0, return_hidden=False,
-                   logits_at=torch.tensor([t - 1], device=embeds.device)).logits[:, -1]
+    cursor, logits = prefill_embeds(model, embeds, new_tokens)
     token = logits.argmax(-1)
     sync()
     t1 = time.perf_counter()

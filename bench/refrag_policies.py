@@ -29,8 +29,8 @@ import time
 
 import torch
 from rich.progress import Progress
-from sieve.backbone.generate import DecodeCursor
 from sieve.refrag import Refrag, load_refrag
+from sieve.refrag.answer import prefill_embeds
 from sieve.refrag.encoder import EncodedPassage
 from sieve.refrag.eval import wikitext_test_ids, wikitext_windows
 from sieve.refrag.policy import n_expanded, select
@@ -72,11 +72,7 @@ def overlap_choice(r: Refrag, ctx: EncodedPassage, words: list[int], m: int) -> 
 @torch.no_grad()
 def draft(r: Refrag, context: EncodedPassage, n_tokens: int) -> list[int]:
     """The decoder's greedy continuation of the fully compressed context."""
-    embeds = r.embed(r.lm_layout(context))
-    t = embeds.shape[1]
-    cursor = DecodeCursor.start(r.model, torch.ones((1, t), dtype=torch.long), t + n_tokens)
-    logits = r.model(inputs_embeds=embeds, input_pos=0, return_hidden=False,
-                     logits_at=torch.tensor([t - 1])).logits[:, -1]
+    cursor, logits = prefill_embeds(r.model, r.embed(r.lm_layout(context)), n_tokens)
     out = []
     for i in range(n_tokens):
         token = logits.argmax(-1)

@@ -67,6 +67,15 @@ class AnswerStream:
     _seen: list[str] = field(default_factory=list, repr=False)
 
 
+def prefill_embeds(model, embeds: torch.Tensor, max_new_tokens: int) -> tuple[DecodeCursor, torch.Tensor]:
+    """Run the prompt `embeds` [1, T, dim] (a compressed layout) through the decoder -> (a cursor whose KV cache
+    holds it with room for max_new_tokens more, the logits at its last position [1, vocab])."""
+    t = embeds.shape[1]
+    cursor = DecodeCursor.start(model, torch.ones((1, t), dtype=torch.long, device=embeds.device), t + max_new_tokens)
+    last = torch.tensor([t - 1], device=embeds.device)
+    return cursor, model(inputs_embeds=embeds, input_pos=0, return_hidden=False, logits_at=last).logits[:, -1]
+
+
 class Answerer:
     def __init__(self, refrag: Refrag, *, max_passages: int = MAX_PASSAGES):
         self.refrag = refrag
@@ -164,12 +173,7 @@ class Answerer:
         r = self.refrag
         model = r.model
         stop = set(r.tokenizer.eos_ids)
-        embeds = r.embed(layout, expand)
-        t = embeds.shape[1]
-        cursor = DecodeCursor.start(model, torch.ones((1, t), dtype=torch.long, device=embeds.device),
-                                    t + max_new_tokens)
-        last = torch.tensor([t - 1], device=embeds.device)
-        logits = model(inputs_embeds=embeds, input_pos=0, return_hidden=False, logits_at=last).logits[:, -1]
+        cursor, logits = prefill_embeds(model, r.embed(layout, expand), max_new_tokens)
         for i in range(max_new_tokens):
             token = sample(logits, temperature=temperature)
             tid = int(token[0])
