@@ -15,15 +15,13 @@ def test_importing_the_cli_does_not_import_torch():
     assert out.stdout.strip() == "[]"
 
 
-@pytest.mark.parametrize("package", ["sieve.refrag", "sieve.reranker"])
-def test_every_exported_name_resolves_lazily(package):
+@pytest.mark.parametrize(("package", "name", "module"), [("sieve.refrag", "Refrag", "sieve.refrag.model"),
+                                                    ("sieve.reranker", "Reranker", "sieve.reranker.listwise")])
+def test_every_exported_name_resolves_lazily(package, name, module):
     mod = importlib.import_module(package)
-    for name in mod.__all__:
-        assert getattr(mod, name) is not None, name
+    for exported in mod.__all__:
+        assert getattr(mod, exported) is not None, exported
     assert set(mod.__all__) <= set(dir(mod))
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         mod.nope  # noqa: B018
-    from sieve.refrag.model import Refrag
-    from sieve.reranker.listwise import Reranker
-    assert (mod.Refrag if package == "sieve.refrag" else mod.Reranker) is (
-        Refrag if package == "sieve.refrag" else Reranker)
+    assert getattr(mod, name) is getattr(importlib.import_module(module), name)
