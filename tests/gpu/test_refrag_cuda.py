@@ -6,15 +6,11 @@ import torch
 from sieve.refrag import Answerer, load_refrag
 from torch.testing import assert_close
 
+from ..integration.test_refrag_real import PASSAGES  # two NQ-open passages
+
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 QUESTION = "when is the next deadpool movie being released"
-PASSAGES = [
-    "Deadpool 2\nDeadpool 2 is scheduled to be released in the United States on May 18, 2018. A sequel, Deadpool 3, "
-    "is in development.",
-    "Cyrus Cylinder\nThe Cylinder's text has traditionally been seen by biblical scholars as corroborative evidence "
-    "of Cyrus's policy of the repatriation of the Jewish people following their Babylonian captivity.",
-]
 
 
 @pytest.fixture(scope="module")
