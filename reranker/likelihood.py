@@ -10,7 +10,7 @@ The query's tokens are the same for every passage, so the summed log-probability
 
 Template: `Passage: {passage}` + `\n\nA statement based on this passage:` + ` {query}`, chosen on 30 SciFact *train*
 claims (BM25 top 20) among three cues (nDCG@10: this one 0.760, "A search query this passage answers:" 0.750, UPR's
-". Please write a question based on this passage." 0.749; README, Reranker, session 18); no test query was used.
+". Please write a question based on this passage." 0.749; docs/reranker.md, session 18); no test query was used.
 """
 
 from __future__ import annotations
