@@ -7,9 +7,6 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-# numba (pulled in by ranx) compiles on first use; keep its cache between runs
-export NUMBA_CACHE_DIR ?= $(CURDIR)/.numba_cache
-
 .PHONY: setup test test-unit test-integration serve bench proto lint info clean
 
 setup: $(STAMP)
@@ -56,4 +53,4 @@ lint: setup
 	$(BIN)/ruff check .
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .numba_cache *.egg-info
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -1,5 +1,5 @@
 """Reranking evaluation: rerank the top-`depth` of a first stage (BM25 with bm25s, or the Sieve embedder) on SciFact
-test and TREC DL19 (its shipped BM25 top-100), and score with ranx nDCG@10, as RankGPT / rank_llm do.
+test and TREC DL19 (its shipped BM25 top-100), and score nDCG@10 with trec_eval (pytrec_eval), as RankGPT / rank_llm do.
 
 Rows per (dataset, first stage): the first stage itself, then each mode (sliding / full / first): nDCG@10,
 seconds and tokens processed per query, and for decoded modes the wrong-format, repetition and missing rates
@@ -172,7 +172,7 @@ def spearman(a: list[float], b: list[float]) -> float:
 
 
 def _as_run(docs: list[str]) -> dict[str, float]:
-    """A ranked list -> a ranx run (higher is better)."""
+    """A ranked list -> a run (higher is better)."""
     return {d: float(len(docs) - r) for r, d in enumerate(docs)}
 
 

@@ -2,7 +2,7 @@
 # the chunk encoder, and the model files that travelled in this or an earlier call of the same machine.
 # SIEVE_GPU_STASH / SIEVE_GPU_SITE / SIEVE_GPU_PYTHON move it elsewhere; SIEVE_GPU_REHEARSE=1 skips the installs
 # (a rehearsal of the file logistics on this machine, in a checkout whose venv already holds everything).
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false NUMBA_CACHE_DIR=/tmp/numba
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export SIEVE_HOME=${SIEVE_HOME:-/root/sieve_home} SIEVE_DATA_DIR=$PWD/.gpu/data
 [ -d .gpu/data2 ] && export SIEVE_DATA_DIR=$PWD/.gpu/data2
 STASH=${SIEVE_GPU_STASH:-/root/stash} SITE=${SIEVE_GPU_SITE:-/tmp/site} PY=${SIEVE_GPU_PYTHON:-python3}

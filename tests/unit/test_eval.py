@@ -1,4 +1,4 @@
-"""Evaluation plumbing: ranx scoring, BM25 runs and dense runs on a tiny hand-made set."""
+"""Evaluation plumbing: trec_eval scoring (pytrec_eval), BM25 runs and dense runs on a tiny hand-made set."""
 
 import numpy as np
 import pytest
@@ -46,3 +46,19 @@ def test_dense_run_full_corpus_and_candidates():
     cands = RetrievalSet(**{**DS.__dict__, "candidates": {"q1": ["d2", "d3"], "q2": ["d2"]}})
     run = dense_run(KeywordEmbedder(), cands)
     assert set(run["q1"]) == {"d2", "d3"}  # only candidates are scored
+
+
+def test_cutoffs_and_ties_follow_trec_eval():
+    """MRR@10 and nDCG@10 see only the top 10 (a hit at rank 11 scores 0); recall@100 counts it. Tied scores are
+    ordered by document id, descending, in every measure."""
+    corpus = {f"d{i:02d}": "x" for i in range(12)}
+    ds = RetrievalSet(name="cut", corpus=corpus, queries={"q": "x"}, qrels={"q": {"d00": 1}})
+    eleventh = {f"d{i:02d}": float(20 - i) for i in range(1, 11)} | {"d00": 0.5}
+    got = score(ds, {"q": eleventh})
+    assert got["mrr@10"] == 0.0 and got["ndcg@10"] == 0.0 and got["recall@100"] == 1.0
+    tied = score(ds, {"q": {"d00": 1.0, "d05": 1.0}})  # d05 > d00: the hit is second
+    assert tied["mrr@10"] == pytest.approx(0.5)
+    # all tied: d00 is eleventh, cut from the top 10
+    tied_top10 = score(ds, {"q": {f"d{i:02d}": 1.0 for i in range(11)}})
+    assert tied_top10["mrr@10"] == 0.0 and tied_top10["recall@100"] == 1.0
+    assert tied["ndcg@10"] == pytest.approx(1 / np.log2(3))

@@ -62,8 +62,8 @@ def test_list_options_take_commas_or_repeats():
 
 def test_fusion_rows_fuse_the_mode_with_the_first_stage(reranker, data_root, tmp_path, monkeypatch):
     """`<mode>+rrf` rows come from the same calls: a reranker that returns the first-stage order fuses to that same
-    order; one that reverses it fuses to something else. (The tiny corpus has tied BM25 scores, which ranx orders
-    its own way, so the identity ranking is compared with the mode's row, not the first stage's.)"""
+    order; one that reverses it fuses to something else. (The tiny corpus has tied BM25 scores, which trec_eval orders
+    by document id, so the identity ranking is compared with the mode's row, not the first stage's.)"""
     from sieve.reranker.listwise import RankResult
 
     def scripted(reverse):
