@@ -1,6 +1,7 @@
 """The fast decode path on the real SmolLM2, through the CLI: int4 weights, compiled decode step.
 
-Compiling costs about 35 s on a 2-core CPU (once per shape; the library is kept under SIEVE_HOME), so one test pays it.
+Compiling costs 35-120 s on a 2-core CPU (once per shape; the library is kept under SIEVE_HOME), so one test pays it.
+The session's SIEVE_HOME is shared with the other integration tests, so the GGUF is converted once for all of them.
 """
 
 import json
@@ -23,8 +24,8 @@ def _run(*args: str, home: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    return tmp_path_factory.mktemp("home")
+def home(sieve_home):
+    return sieve_home
 
 
 def test_compiled_int4_decode_streams_the_eager_paths_tokens(home):
