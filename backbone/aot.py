@@ -11,8 +11,9 @@ decode share one cache; the cache must have exactly the compiled shape (`exact_c
 `Transformer.setup_caches(exact=True)`). The weights are compiled into the library: packages are keyed by a digest
 of the weights, the model's structure, the source of the modules the step runs, the torch version and the CPU's
 vector ISA, and stored under `cache_dir` (SIEVE_HOME/cache/aot from the CLI and the service), so a process that
-finds its package loads it in a fraction of a second instead of compiling (35 s on 2 cores). Each loaded package
-holds its own copy of the weights the step reads (about 190 MB for int4 SmolLM2); at most `max_loaded` stay loaded.
+finds its package loads it in a fraction of a second instead of compiling (35-120 s on 2 cores, by host).
+Each loaded package holds its own copy of the weights the step reads (about 190 MB for int4 SmolLM2); at most
+`max_loaded` stay loaded.
 """
 
 from __future__ import annotations

@@ -218,7 +218,7 @@ def compile_decode(model: Transformer, *, backend: str = "auto", cache_dir: Path
     """Compile `model.decode_step` and attach it as `model.compiled_decode_step`; `stream` then uses it.
 
     backend "aot": AOTInductor, one library per (batch, cache length), compiled on the first call at a new shape
-        (about 35 s on 2 cores) and kept in `cache_dir` for later processes (see aot.py); no Python guards per
+        (35-120 s on 2 cores, by host) and kept in `cache_dir` for later processes (see aot.py); no Python guards per
         step, so it is the faster on CPU (140.6 vs 120.3 tokens/s, int4, 2 cores). "inductor": torch.compile
         (recompiles at each new shape in each process; `cpp_wrapper` uses inductor's C++ wrapper).
         "auto": "aot" on CPU, "inductor" on CUDA.

@@ -124,7 +124,7 @@ def generate(
         "measured on an H200; SmolLM2's 8K context stays dense unless this is lower)")] = None,
     compile_decode: Annotated[bool, typer.Option(
         "--compile", help="compile the decode step (AOTInductor on CPU: faster tokens after a one-time compile per "
-        "batch and cache length, ~35 s on 2 cores, kept in SIEVE_HOME/cache/aot)")
+        "batch and cache length, 35-120 s on 2 cores, kept in SIEVE_HOME/cache/aot)")
     ] = False,
 ) -> None:
     """Stream the backbone's answer to PROMPT, token by token."""

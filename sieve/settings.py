@@ -95,7 +95,7 @@ class Settings(BaseSettings):
         "fastest CPU decode; see README, Backbone speed)")
     compile_decode: bool = Field(
         False, description="compile the decode step of the reranker's and REFRAG model's decoder (AOTInductor on "
-        "CPU): faster tokens; the first call at each new batch size / cache length compiles (about 35 s on 2 CPU "
+        "CPU): faster tokens; the first call at each new batch size / cache length compiles (35-120 s on 2 CPU "
         "cores), and the library is kept in SIEVE_HOME/cache/aot for later starts")
     max_waiting_generations: int = Field(
         8, ge=0, description="Rerank / Answer calls waiting for a busy decoder (one KV cache: one call at a time) "
