@@ -13,7 +13,7 @@ import numpy as np
 
 from .data import RetrievalSet, load_retrieval_set
 
-METRICS = ["ndcg@10", "recall@100", "mrr@10"]
+METRICS = {"ndcg@10": "ndcg_cut_10", "recall@100": "recall_100", "mrr@10": "recip_rank"}  # ours -> trec_eval's
 
 
 def dense_run(embedder, ds: RetrievalSet, *, k: int = 100, chunk: int = 256,
@@ -76,12 +76,8 @@ def score(ds: RetrievalSet, run: dict[str, dict[str, float]]) -> dict[str, float
     top10 = {q: dict(sorted(r.items(), key=lambda kv: (kv[1], kv[0]), reverse=True)[:10]) for q, r in full.items()}
     cut = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut_10", "recall_100"}).evaluate(full) if full else {}
     rr = pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"}).evaluate(top10) if top10 else {}
-
-    def mean(per_query: dict[str, dict[str, float]], measure: str) -> float:
-        return sum(per_query.get(q, {}).get(measure, 0.0) for q in qrels) / len(qrels)
-
-    return {"ndcg@10": mean(cut, "ndcg_cut_10"), "recall@100": mean(cut, "recall_100"),
-            "mrr@10": mean(rr, "recip_rank")}
+    per_query = [cut.get(q, {}) | rr.get(q, {}) for q in qrels]
+    return {name: sum(m.get(measure, 0.0) for m in per_query) / len(qrels) for name, measure in METRICS.items()}
 
 
 def evaluate(systems: list[str], datasets: list[str], *, data_root: Path, split: str, home: Path, device: str,

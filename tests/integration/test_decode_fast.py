@@ -23,12 +23,8 @@ def _run(*args: str, home: Path) -> subprocess.CompletedProcess:
     return subprocess.run([SIEVE, *args], capture_output=True, text=True, env=env, timeout=900)
 
 
-@pytest.fixture(scope="module")
-def home(sieve_home):
-    return sieve_home
-
-
-def test_compiled_int4_decode_streams_the_eager_paths_tokens(home):
+def test_compiled_int4_decode_streams_the_eager_paths_tokens(sieve_home):
+    home = sieve_home
     eager = _run("generate", PROMPT, "--quant", "int4", "--max-new-tokens", "24", home=home)
     assert eager.returncode == 0, eager.stderr
     fast = _run("generate", PROMPT, "--quant", "int4", "--compile", "--max-new-tokens", "24", home=home)
@@ -45,8 +41,8 @@ def test_compiled_int4_decode_streams_the_eager_paths_tokens(home):
     assert list((home / "cache" / "aot").glob("decode-b1-*.pt2")) == packages
 
 
-def test_info_shows_the_decode_path_and_heads(home):
-    out = _run("info", "--json", "--quant", "int4", home=home)
+def test_info_shows_the_decode_path_and_heads(sieve_home):
+    out = _run("info", "--json", "--quant", "int4", home=sieve_home)
     assert out.returncode == 0, out.stderr
     facts = json.loads(out.stdout)
     q = facts["quantization"]
