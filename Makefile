@@ -7,7 +7,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-unit test-integration serve bench proto lint info clean
+.PHONY: setup test test-unit test-integration serve bench peers proto lint info clean
 
 setup: $(STAMP)
 
@@ -42,6 +42,18 @@ info: setup
 
 bench: setup
 	$(BIN)/python bench/backbone.py
+
+# Peers for the paired benchmarks, each in its own venv under the ignored .peers/ (never in the main install):
+# Infinity (bench/service.py; it pins numpy<2) and llama-cpp-python (bench/decode.py; builds llama.cpp, ~6 min).
+peers: .peers/infinity/bin/infinity_emb .peers/llama/bin/python
+
+.peers/infinity/bin/infinity_emb:
+	$(PY) -m venv .peers/infinity
+	.peers/infinity/bin/python -m pip install -q "infinity-emb[server,torch]==0.0.78" torch==2.13.0
+
+.peers/llama/bin/python:
+	$(PY) -m venv .peers/llama
+	.peers/llama/bin/python -m pip install -q llama-cpp-python numpy
 
 proto: setup
 	# stubs go into the SDK (client/sieve_client/_proto), imports rewritten to sieve_client._proto (see the script)

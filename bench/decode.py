@@ -217,7 +217,7 @@ class Bench:
             return None
         if not self.args.llama_python.exists():
             msg = (f"llama.cpp rows skipped: no llama-cpp-python venv at {self.args.llama_python} "
-                   "(python -m venv .peers/llama && .peers/llama/bin/pip install llama-cpp-python numpy)")
+                   "(make peers)")
             self.console.print(f"[yellow]{msg}[/]")
             self.notes["llama.cpp"] = msg
             return None

@@ -9,8 +9,9 @@ Part 2 (search): synthetic clustered vectors (100k and 1M, 384-d, normalized), S
   ivf-pq) built through `sieve.store.index`; p50/p99 latency of single-query search and recall@10 vs flat.
 
     python bench/indexing.py [--docs 600] [--threads 1] [--embedder all-minilm-l6-v2] [--sizes 100000 1000000]
+        [--name indexing]
 
-Writes bench/results/indexing.json (+ .png).
+Writes bench/results/NAME.json (+ .png).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, device_name, write_results  # noqa: E402
+from common import device_name, write_results  # noqa: E402
 
 from sieve.settings import Settings  # noqa: E402
 
@@ -178,6 +179,7 @@ def main() -> None:
     ap.add_argument("--kinds", nargs="*", default=["flat", "hnsw", "ivf-pq"])
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--skip-pipeline", action="store_true")
+    ap.add_argument("--name", default="indexing", help="results file name (bench/results/NAME.json, .png)")
     args = ap.parse_args()
     device = device_name("cpu")
     rows: list[dict] = []
@@ -204,11 +206,12 @@ def main() -> None:
               f"{two['speedup_vs_1_worker']:.2f}x one (cores: {os.cpu_count()})")
     if args.sizes:
         rows += search_rows(args.sizes, 384, args.queries, args.kinds, device)
-    write_results("indexing", rows, device)
-    plot(rows)
+    out = write_results(args.name, rows, device)
+    plot(rows, out.with_suffix(".png"))
+    print(f"wrote {out}")
 
 
-def plot(rows: list[dict]) -> None:
+def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -234,7 +237,7 @@ def plot(rows: list[dict]) -> None:
         axes[1].set_title("FAISS search, one query")
         axes[1].legend()
     fig.tight_layout()
-    fig.savefig(RESULTS / "indexing.png", dpi=120)
+    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,10 @@ The same all-MiniLM-L6-v2 weights and the same texts for every system, at 1, 8 a
   in-process     caller threads sharing one Embedder in this process, one `encode` at a time (a lock, as one
                  model allows), no merging across callers: what an application without a server does
   infinity       `infinity_emb v2` from .peers/infinity (its own venv, git-ignored), OpenAI-style /embeddings
-                 over HTTP on loopback; skipped when not installed (pip install infinity-emb[all] there)
-Rows: texts/s, p50/p99 latency per call. Writes bench/results/service.json (+ .png).
+                 over HTTP on loopback; skipped when not installed (`make peers` installs it)
+Rows: texts/s, p50/p99 latency per call, and each server's agreement with the in-process vectors (the lowest cosine
+over 16 texts: the systems must embed alike for the speed comparison to count). Writes bench/results/service.json
+(+ .png).
 
     python bench/service.py [--threads 2] [--requests 256] [--texts-per-request 4] [--concurrency 1,8,64]
 """
@@ -96,6 +98,16 @@ def start_sieve(args) -> tuple[subprocess.Popen, str]:
                          "SIEVE_METRICS_PORT": "-1"})
 
 
+def sieve_vectors(target: str, texts: list[str]) -> list[list[float]]:
+    from sieve_client import AsyncSieveClient
+
+    async def go():
+        async with AsyncSieveClient(target) as c:
+            return (await c.embed(texts)).vectors
+
+    return asyncio.run(go())
+
+
 def run_sieve(target: str, requests: list[list[str]], concurrency: int, args) -> dict:
     from sieve_client import AsyncSieveClient
 
@@ -129,20 +141,35 @@ def start_infinity(args, model_path: Path) -> tuple[subprocess.Popen, str] | Non
     raise RuntimeError("infinity did not start within 300 s")
 
 
-def run_infinity(url: str, model_id: str, requests: list[list[str]], concurrency: int, args) -> dict:
+def _post_infinity(url: str, model_id: str, texts: list[str]) -> dict:
     import json
     import urllib.request
 
+    body = json.dumps({"model": model_id, "input": texts}).encode()
+    req = urllib.request.Request(f"{url}/embeddings", body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        return json.loads(r.read())
+
+
+def infinity_vectors(url: str, model_id: str, texts: list[str]) -> list[list[float]]:
+    return [d["embedding"] for d in sorted(_post_infinity(url, model_id, texts)["data"], key=lambda d: d["index"])]
+
+
+def lowest_cosine(a, b) -> float:
+    """The lowest cosine between row i of a and row i of b."""
+    import numpy as np
+
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    a /= np.linalg.norm(a, axis=1, keepdims=True)
+    b /= np.linalg.norm(b, axis=1, keepdims=True)
+    return round(float((a * b).sum(1).min()), 6)
+
+
+def run_infinity(url: str, model_id: str, requests: list[list[str]], concurrency: int, args) -> dict:
     pool = ThreadPoolExecutor(concurrency)
 
-    def post(texts):
-        body = json.dumps({"model": model_id, "input": texts}).encode()
-        req = urllib.request.Request(f"{url}/embeddings", body, {"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=120) as r:
-            return json.loads(r.read())
-
     async def call(texts):
-        return await asyncio.get_running_loop().run_in_executor(pool, post, texts)
+        return await asyncio.get_running_loop().run_in_executor(pool, _post_infinity, url, model_id, texts)
 
     latencies, errors, seconds = asyncio.run(_drive(call, requests, concurrency))
     pool.shutdown()
@@ -177,12 +204,18 @@ def main() -> None:
     sieve_proc, target = start_sieve(args)
     infinity = start_infinity(args, model_path)
     try:
-        embedder.encode(texts[:8])
+        probe = texts[:16]
+        reference = embedder.encode(probe)
+        agreement = {"sieve-grpc": lowest_cosine(reference, sieve_vectors(target, probe))}
+        if infinity is not None:
+            agreement["infinity"] = lowest_cosine(reference, infinity_vectors(infinity[1], str(model_path), probe))
+        print("lowest cosine to the in-process vectors:", agreement)
         for c in levels:  # the systems take turns at each level, so machine drift hits all alike
             rows.append(run_in_process(embedder, requests, c, args))
-            rows.append(run_sieve(target, requests, c, args))
+            rows.append(run_sieve(target, requests, c, args) | {"lowest_cosine": agreement["sieve-grpc"]})
             if infinity is not None:
-                rows.append(run_infinity(infinity[1], str(model_path), requests, c, args))
+                rows.append(run_infinity(infinity[1], str(model_path), requests, c, args)
+                            | {"lowest_cosine": agreement["infinity"]})
             for r in rows[-(3 if infinity else 2):]:
                 print(f"{r['system']:>11} x{c:<3} {r['texts_per_s']:>8.1f} texts/s  p50 {r['p50_ms']:>8.2f} ms  "
                       f"p99 {r['p99_ms']:>8.2f} ms  errors {r['errors']}")
