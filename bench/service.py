@@ -7,11 +7,12 @@ The same all-MiniLM-L6-v2 weights and the same texts for every system, at 1, 8 a
                  model allows), no merging across callers: what an application without a server does
   infinity       `infinity_emb v2` from .peers/infinity (its own venv, git-ignored), OpenAI-style /embeddings
                  over HTTP on loopback; skipped when not installed (`make peers` installs it)
-Rows: texts/s, p50/p99 latency per call, and each server's agreement with the in-process vectors (the lowest cosine
-over 16 texts: the systems must embed alike for the speed comparison to count). Writes bench/results/service.json
-(+ .png).
+Rows: texts/s (the median of --rounds passes, the systems taking turns), p50/p99 latency per call (over all
+passes), and each server's agreement with the in-process vectors (the lowest cosine over 16 texts: the systems
+must embed alike for the speed comparison to count). Writes bench/results/NAME.json (+ .png).
 
     python bench/service.py [--threads 2] [--requests 256] [--texts-per-request 4] [--concurrency 1,8,64]
+        [--rounds 3] [--name service]
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -43,11 +45,24 @@ def make_texts(n: int, seed: int = 0) -> list[str]:
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 60))) for _ in range(n)]
 
 
-def summary(system: str, concurrency: int, latencies: list[float], texts: int, seconds: float, errors: int,
-            args) -> dict:
-    lat = sorted(latencies) or [float("nan")]
+@dataclass
+class Run:
+    """One pass of all requests through one system at one concurrency."""
+
+    latencies: list[float]
+    texts: int
+    seconds: float
+    errors: int
+
+
+def summary(system: str, concurrency: int, runs: list[Run], args) -> dict:
+    """One row from a system's rounds: the median round's texts/s (each round's too), latency percentiles over the
+    calls of every round."""
+    lat = sorted(x for r in runs for x in r.latencies) or [float("nan")]
+    rates = [round(r.texts / r.seconds, 1) for r in runs]
     return {"system": system, "model": MODEL, "concurrency": concurrency, "texts_per_request": args.texts_per_request,
-            "requests": len(latencies), "errors": errors, "texts_per_s": round(texts / seconds, 1),
+            "requests": len(lat), "rounds": len(runs), "errors": sum(r.errors for r in runs),
+            "texts_per_s": statistics.median(rates), "texts_per_s_rounds": rates,
             "p50_ms": round(statistics.median(lat) * 1e3, 2),
             "p99_ms": round(lat[min(len(lat) - 1, int(0.99 * len(lat)))] * 1e3, 2), "threads": args.threads}
 
@@ -55,7 +70,7 @@ def summary(system: str, concurrency: int, latencies: list[float], texts: int, s
 # -- systems -------------------------------------------------------------------------------------------------
 
 
-def run_in_process(embedder, requests: list[list[str]], concurrency: int, args) -> dict:
+def run_in_process(embedder, requests: list[list[str]], concurrency: int) -> Run:
     lock = threading.Lock()
 
     def one(texts):
@@ -67,8 +82,7 @@ def run_in_process(embedder, requests: list[list[str]], concurrency: int, args) 
     start = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
         latencies = list(pool.map(one, requests))
-    return summary("in-process", concurrency, latencies, sum(map(len, requests)), time.perf_counter() - start, 0,
-                   args)
+    return Run(latencies, sum(map(len, requests)), time.perf_counter() - start, 0)
 
 
 async def _drive(call, requests: list[list[str]], concurrency: int) -> tuple[list[float], int, float]:
@@ -108,7 +122,7 @@ def sieve_vectors(target: str, texts: list[str]) -> list[list[float]]:
     return asyncio.run(go())
 
 
-def run_sieve(target: str, requests: list[list[str]], concurrency: int, args) -> dict:
+def run_sieve(target: str, requests: list[list[str]], concurrency: int) -> Run:
     from sieve_client import AsyncSieveClient
 
     async def go():
@@ -117,7 +131,7 @@ def run_sieve(target: str, requests: list[list[str]], concurrency: int, args) ->
             return await _drive(c.embed, requests, concurrency)
 
     latencies, errors, seconds = asyncio.run(go())
-    return summary("sieve-grpc", concurrency, latencies, sum(map(len, requests)) - 0, seconds, errors, args)
+    return Run(latencies, sum(map(len, requests)), seconds, errors)
 
 
 def start_infinity(args, model_path: Path) -> tuple[subprocess.Popen, str] | None:
@@ -165,7 +179,7 @@ def lowest_cosine(a, b) -> float:
     return round(float((a * b).sum(1).min()), 6)
 
 
-def run_infinity(url: str, model_id: str, requests: list[list[str]], concurrency: int, args) -> dict:
+def run_infinity(url: str, model_id: str, requests: list[list[str]], concurrency: int) -> Run:
     pool = ThreadPoolExecutor(concurrency)
 
     async def call(texts):
@@ -173,7 +187,7 @@ def run_infinity(url: str, model_id: str, requests: list[list[str]], concurrency
 
     latencies, errors, seconds = asyncio.run(_drive(call, requests, concurrency))
     pool.shutdown()
-    return summary("infinity", concurrency, latencies, sum(map(len, requests)), seconds, errors, args)
+    return Run(latencies, sum(map(len, requests)), seconds, errors)
 
 
 # -- main ----------------------------------------------------------------------------------------------------
@@ -185,6 +199,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=256, help="calls per system and concurrency")
     ap.add_argument("--texts-per-request", type=int, default=4)
     ap.add_argument("--concurrency", default="1,8,64")
+    ap.add_argument("--rounds", type=int, default=3, help="passes per system and level, taking turns (median kept)")
     ap.add_argument("--home", type=Path, default=ROOT / ".sieve_home" / "bench-service")
     ap.add_argument("--name", default="service")
     args = ap.parse_args()
@@ -210,15 +225,22 @@ def main() -> None:
         if infinity is not None:
             agreement["infinity"] = lowest_cosine(reference, infinity_vectors(infinity[1], str(model_path), probe))
         print("lowest cosine to the in-process vectors:", agreement)
-        for c in levels:  # the systems take turns at each level, so machine drift hits all alike
-            rows.append(run_in_process(embedder, requests, c, args))
-            rows.append(run_sieve(target, requests, c, args) | {"lowest_cosine": agreement["sieve-grpc"]})
-            if infinity is not None:
-                rows.append(run_infinity(infinity[1], str(model_path), requests, c, args)
-                            | {"lowest_cosine": agreement["infinity"]})
-            for r in rows[-(3 if infinity else 2):]:
-                print(f"{r['system']:>11} x{c:<3} {r['texts_per_s']:>8.1f} texts/s  p50 {r['p50_ms']:>8.2f} ms  "
-                      f"p99 {r['p99_ms']:>8.2f} ms  errors {r['errors']}")
+        systems = {"in-process": lambda c: run_in_process(embedder, requests, c),
+                   "sieve-grpc": lambda c: run_sieve(target, requests, c)}
+        if infinity is not None:
+            systems["infinity"] = lambda c: run_infinity(infinity[1], str(model_path), requests, c)
+        for c in levels:
+            runs: dict[str, list[Run]] = {name: [] for name in systems}
+            for _ in range(args.rounds):  # the systems take turns, so machine drift hits all alike
+                for name, run in systems.items():
+                    runs[name].append(run(c))
+            for name in systems:
+                row = summary(name, c, runs[name], args)
+                if name in agreement:
+                    row["lowest_cosine"] = agreement[name]
+                rows.append(row)
+                print(f"{name:>11} x{c:<3} {row['texts_per_s']:>8.1f} texts/s {row['texts_per_s_rounds']}  "
+                      f"p50 {row['p50_ms']:>8.2f} ms  p99 {row['p99_ms']:>8.2f} ms  errors {row['errors']}")
     finally:
         stop(sieve_proc)
         if infinity is not None:

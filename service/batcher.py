@@ -8,7 +8,9 @@ batch gathers by itself: under load batches grow, when idle a call runs at once,
 Batch choice. The oldest waiting text always goes into the next batch (no caller starves), together with the
 texts of its group nearest to it in length (a window over the group's texts sorted by length), for as long as
 `texts x longest <= max_batch_tokens`: few padding tokens, and a budget in tokens rather than in requests, so
-one batch is never 64 texts of 512 tokens. A single text over the budget gets a batch of its own.
+one batch is never 64 texts of 512 tokens. A single text over the budget gets a batch of its own. The model thread
+runs a gathered batch as a few forwards of similar lengths where padding would cost more than another forward
+(`token_budget_batches`): texts of 6-60 words at 8 callers, one forward a batch computed 41% padding.
 
 Admission. At most `max_queued_texts` texts wait. A unary call that does not fit is refused at once
 (`QueueFull` -> RESOURCE_EXHAUSTED); a stream waits for room (`wait=True`), within its deadline.
@@ -25,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import sys
 import time
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +35,7 @@ from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
+from sieve.embedder.batching import token_budget_batches
 
 from .errors import Expired, QueueFull, ServiceError
 from .metrics import Metrics
@@ -264,9 +268,21 @@ class Batcher:
         start = time.perf_counter()
         for t in batch:
             t.call.queue_ns = max(t.call.queue_ns, int((start - t.call.enqueued) * 1e9))
+        # a gathered batch runs as one or a few forwards of similar lengths, whichever computes fewer positions
+        parts = token_budget_batches([t.length for t in batch], sys.maxsize, self.max_batch_texts)
+
+        def forwards() -> np.ndarray:
+            out = None
+            for rows in parts:
+                vectors = self.runner(group, [batch[i].item for i in rows])
+                if out is None:
+                    out = np.empty((len(batch), vectors.shape[1]), dtype=vectors.dtype)
+                out[rows] = vectors
+            return out
+
         try:
-            vectors = await loop.run_in_executor(self._executor, self.runner, group, [t.item for t in batch])
-            self.forwards += 1
+            vectors = await loop.run_in_executor(self._executor, forwards)
+            self.forwards += len(parts)
         except Exception as exc:  # isolate: run each call of the batch alone
             log.warning("a batch of %d texts failed (%s); running its calls one by one", len(batch), exc)
             await self._isolate(loop, group, batch, exc)
@@ -275,8 +291,10 @@ class Batcher:
         self._deliver(batch, vectors, seconds)
         if self.metrics:
             tokens = sum(t.length for t in batch)
-            self.metrics.batch_texts.observe(len(batch))
-            self.metrics.batch_requests.observe(len({id(t.call) for t in batch}))
+            for rows in parts:
+                self.metrics.batch_texts.observe(len(rows))
+                self.metrics.batch_requests.observe(len({id(batch[i].call) for i in rows}))
+                self.metrics.batch_slots.inc(len(rows) * max(batch[i].length for i in rows))
             self.metrics.batch_tokens.inc(tokens)
             self.metrics.tokens_per_second.set(tokens / seconds if seconds > 0 else 0.0)
 

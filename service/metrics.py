@@ -5,6 +5,8 @@
     sieve_batch_texts                                texts per model forward (histogram)
     sieve_batch_requests                             calls merged into one model forward (histogram)
     sieve_batch_tokens_total                         tokens run through the model (rate() of it is tokens/s)
+    sieve_batch_slots_total                          token positions the model computed, padding included
+                                                     (tokens / slots: the share of the work that was not padding)
     sieve_tokens_per_second                          throughput of the last model forward
     sieve_queue_depth                                texts waiting for the model
     sieve_queue_rejected_total                       calls refused with RESOURCE_EXHAUSTED by the batcher
@@ -32,6 +34,7 @@ class Metrics:
         self.batch_requests = Histogram("sieve_batch_requests", "calls merged into one model forward",
                                         buckets=_SIZE_BUCKETS, registry=r)
         self.batch_tokens = Counter("sieve_batch_tokens", "tokens run through the model", registry=r)
+        self.batch_slots = Counter("sieve_batch_slots", "token positions computed, padding included", registry=r)
         self.tokens_per_second = Gauge("sieve_tokens_per_second", "throughput of the last model forward", registry=r)
         self.queue_depth = Gauge("sieve_queue_depth", "texts waiting for the model", registry=r)
         self.queue_rejected = Counter("sieve_queue_rejected", "calls refused because the queue was full", registry=r)

@@ -143,6 +143,43 @@ def test_token_budget_batches_sorted_within_budget_and_complete():
     assert flat == sorted(flat, reverse=True)
 
 
+def test_token_budget_batches_compute_the_fewest_positions_a_brute_force_finds():
+    """Against every split of the length-sorted inputs: the chosen batches compute the fewest padded positions plus
+    `overhead` a forward, within the budget."""
+    import itertools
+    import random
+
+    def cost(batches, lengths, overhead):
+        return sum(len(b) * max(lengths[i] for i in b) + overhead for b in batches)
+
+    rng = random.Random(0)
+    for _ in range(60):
+        n, budget, overhead = rng.randint(1, 9), rng.choice([40, 100, 10_000]), rng.choice([0, 8, 64])
+        lengths = [rng.randint(1, 40) for _ in range(n)]
+        got = token_budget_batches(lengths, budget, overhead=overhead)
+        assert sorted(i for b in got for i in b) == list(range(n))
+        assert all(len(b) == 1 or len(b) * max(lengths[i] for i in b) <= budget for b in got)
+        order = sorted(range(n), key=lambda i: lengths[i])
+        splits = [_split(order, cuts) for cuts in itertools.product([0, 1], repeat=n - 1)]
+        best = min(cost(parts, lengths, overhead) for parts in splits
+                   if all(len(p) == 1 or len(p) * max(lengths[i] for i in p) <= budget for p in parts))
+        assert cost(got, lengths, overhead) == best, (lengths, budget, overhead, got)
+    # padding costs more than a forward here: 8 short texts and 2 long ones go in two batches, not one
+    assert sorted(map(sorted, token_budget_batches([4] * 8 + [300] * 2, 4000))) == [[0, 1, 2, 3, 4, 5, 6, 7], [8, 9]]
+    # and less here: texts of 10 and 12 tokens share one
+    assert token_budget_batches([10, 12, 10, 12], 4000) == [[3, 1, 2, 0]]
+
+
+def _split(order, cuts):
+    parts, current = [], [order[0]]
+    for i, cut in zip(order[1:], cuts):
+        if cut:
+            parts.append(current)
+            current = []
+        current.append(i)
+    return parts + [current]
+
+
 def test_batch_budget_defaults_by_device(backbone, embedder):
     assert default_batch_tokens("cpu") == 2048 and default_batch_tokens(torch.device("cuda", 1)) == 8192
     assert embedder.batch_tokens == 2048  # the fixture's encoder is on the CPU

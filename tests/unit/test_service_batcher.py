@@ -109,6 +109,33 @@ def test_batches_respect_the_token_budget_and_group_similar_lengths():
     assert [len(b) for b in model.batches[1:]].count(1) >= 1  # the 200-token text ran alone (over the budget)
 
 
+def test_a_gathered_batch_of_mixed_lengths_runs_as_forwards_of_similar_lengths():
+    model = FakeModel()
+    metrics = Metrics()
+
+    async def go(b):
+        model.gate.clear()
+        blocker = asyncio.ensure_future(b.submit("g", items((1, 1))))
+        await asyncio.to_thread(model.entered.wait, 5)
+        calls = [asyncio.ensure_future(b.submit("g", items((4, 100 + k), (300, 200 + k)))) for k in range(2)]
+        calls += [asyncio.ensure_future(b.submit("g", items((5, 300 + k)))) for k in range(8)]
+        await asyncio.sleep(0.05)
+        model.gate.set()
+        await blocker
+        return await asyncio.gather(*calls)
+
+    outs = run(_with_batcher(model, go, max_batch_tokens=4000, metrics=metrics))
+    for k in range(2):  # a call whose texts ran in two forwards gets both back, in its order
+        assert outs[k].vectors[:, :2].tolist() == [[4, 100 + k], [300, 200 + k]]
+    for k in range(8):
+        assert outs[2 + k].vectors[:, :2].tolist() == [[5, 300 + k]]
+    # all 12 fit the budget together (12 x 300 <= 4000) but would be 3,600 positions, mostly padding: the short
+    # ones run together, the long ones together
+    assert sorted(sorted(len(i) for i in batch) for batch in model.batches[1:]) == [[4, 4] + [5] * 8, [300, 300]]
+    text = metrics.text()
+    assert "sieve_batch_slots_total 651.0" in text and "sieve_batch_tokens_total 649.0" in text  # 10 x 5 + 2 x 300
+
+
 def test_groups_never_share_a_forward():
     model = FakeModel()
 
