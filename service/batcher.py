@@ -268,20 +268,9 @@ class Batcher:
         start = time.perf_counter()
         for t in batch:
             t.call.queue_ns = max(t.call.queue_ns, int((start - t.call.enqueued) * 1e9))
-        # a gathered batch runs as one or a few forwards of similar lengths, whichever computes fewer positions
-        parts = token_budget_batches([t.length for t in batch], sys.maxsize, self.max_batch_texts)
-
-        def forwards() -> np.ndarray:
-            out = None
-            for rows in parts:
-                vectors = self.runner(group, [batch[i].item for i in rows])
-                if out is None:
-                    out = np.empty((len(batch), vectors.shape[1]), dtype=vectors.dtype)
-                out[rows] = vectors
-            return out
-
+        parts = self._split(batch)
         try:
-            vectors = await loop.run_in_executor(self._executor, forwards)
+            vectors = await loop.run_in_executor(self._executor, self._forward, group, batch, parts)
             self.forwards += len(parts)
         except Exception as exc:  # isolate: run each call of the batch alone
             log.warning("a batch of %d texts failed (%s); running its calls one by one", len(batch), exc)
@@ -311,14 +300,30 @@ class Batcher:
             if call.future.done():
                 continue
             start = time.perf_counter()
+            parts = self._split(texts)
             try:
-                vectors = await loop.run_in_executor(self._executor, self.runner, group, [t.item for t in texts])
-                self.forwards += 1
+                vectors = await loop.run_in_executor(self._executor, self._forward, group, texts, parts)
+                self.forwards += len(parts)
             except Exception as exc:
                 log.warning("a call's %d texts failed in the model: %s", len(texts), exc)
                 self._fail(call, _model_error(exc))
                 continue
             self._deliver(texts, vectors, time.perf_counter() - start)
+
+    def _split(self, texts: list[_Text]) -> list[list[int]]:
+        """The forwards a batch runs as: one, or a few of similar lengths where that computes fewer positions
+        (`token_budget_batches`; the batch already fits the budget)."""
+        return token_budget_batches([t.length for t in texts], sys.maxsize, self.max_batch_texts)
+
+    def _forward(self, group: Hashable, texts: list[_Text], parts: list[list[int]]) -> np.ndarray:
+        """On the model thread: run the parts, vectors back in the texts' order."""
+        out = None
+        for rows in parts:
+            vectors = self.runner(group, [texts[i].item for i in rows])
+            if out is None:
+                out = np.empty((len(texts), vectors.shape[1]), dtype=vectors.dtype)
+            out[rows] = vectors
+        return out
 
     def _deliver(self, batch: list[_Text], vectors: np.ndarray, seconds: float) -> None:
         ns = int(seconds * 1e9)
