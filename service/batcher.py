@@ -5,12 +5,15 @@ per *group* (an encoder and a pooling mode: texts of one group can share a forwa
 batches off the queue and runs them, one at a time, on a single model thread, so while the model works the next
 batch gathers by itself: under load batches grow, when idle a call runs at once, with no timer in between.
 
-Batch choice. The oldest waiting text always goes into the next batch (no caller starves), together with the
-texts of its group nearest to it in length (a window over the group's texts sorted by length), for as long as
-`texts x longest <= max_batch_tokens`: few padding tokens, and a budget in tokens rather than in requests, so
-one batch is never 64 texts of 512 tokens. A single text over the budget gets a batch of its own. The model thread
-runs a gathered batch as a few forwards of similar lengths where padding would cost more than another forward
-(`token_budget_batches`): texts of 6-60 words at 8 callers, one forward a batch computed 41% padding.
+Batch choice. Texts leave in arrival order: the next batch is the oldest waiting texts of the oldest text's group,
+up to `GATHER_FORWARDS` (8) forwards' worth of tokens (`max_batch_tokens` each) and `max_batch_texts` texts. The
+model thread runs a batch as the forwards of similar lengths that compute the fewest positions
+(`token_budget_batches`: each forward within `texts x longest <= max_batch_tokens`, padding weighed against a
+forward's fixed cost), so one batch is never 64 texts of 512 tokens, and a call's texts, taken together, come back
+together. A single text over the budget gets a forward of its own. Under load batches grow; when idle a call runs
+at once, with no timer in between. (Until session 29 a batch was the texts nearest in length to the oldest one,
+taken from the whole queue: as fast, but a call's texts could wait for several batches, and at 64 callers p99 was
+1.6x p50; gathering in arrival order gives 1.1x at the same throughput.)
 
 Admission. At most `max_queued_texts` texts wait. A unary call that does not fit is refused at once
 (`QueueFull` -> RESOURCE_EXHAUSTED); a stream waits for room (`wait=True`), within its deadline.
@@ -27,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import sys
 import time
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -41,6 +43,8 @@ from .errors import Expired, QueueFull, ServiceError
 from .metrics import Metrics
 
 log = logging.getLogger("sieve.service.batcher")
+
+GATHER_FORWARDS = 8  # a batch holds up to this many forwards' budget of tokens, split by length on the model thread
 
 Item = tuple[list[int], list[int]]  # token ids, pooling flags (0: not pooled, e.g. instruction tokens)
 Runner = Callable[[Hashable, list[Item]], np.ndarray]  # (group, items) -> [len(items), dim] float32
@@ -211,7 +215,8 @@ class Batcher:
             await self._run(loop, group, batch)
 
     def _take(self, now: float) -> tuple[Hashable, list[_Text]] | None:
-        """Drop dead texts, then cut the next batch around the oldest live text."""
+        """Drop dead texts, then take the next batch: the oldest live texts of the oldest text's group, in arrival
+        order, up to `GATHER_FORWARDS` forwards' worth of tokens (and `max_batch_texts` texts)."""
         oldest: tuple[Hashable, _Text] | None = None
         for group in list(self._pending):
             live = []
@@ -233,28 +238,14 @@ class Batcher:
             if self.queued:  # only dead texts were counted
                 self._add_queued(-self.queued)
             return None
-        group, first = oldest
-        texts = self._pending[group]
-        order = sorted(range(len(texts)), key=lambda i: (texts[i].length, texts[i].seq))
-        pos = order.index(0)  # texts[0] is `first`: lists are in arrival order
-        lo = hi = pos
-        longest = first.length
-        while hi - lo + 1 < self.max_batch_texts:
-            count = hi - lo + 2
-            shorter = texts[order[lo - 1]].length if lo > 0 else None
-            longer = texts[order[hi + 1]].length if hi + 1 < len(order) else None
-            fits_short = shorter is not None and count * longest <= self.max_batch_tokens
-            fits_long = longer is not None and count * longer <= self.max_batch_tokens
-            if fits_short and (not fits_long or longest - shorter <= longer - longest):
-                lo -= 1
-            elif fits_long:
-                hi += 1
-                longest = longer
-            else:
-                break
-        chosen = set(order[lo:hi + 1])
-        batch = [texts[i] for i in sorted(chosen)]
-        rest = [t for i, t in enumerate(texts) if i not in chosen]
+        group, _ = oldest
+        texts = self._pending[group]  # arrival order: a call's texts are next to each other
+        budget = self.max_batch_tokens * GATHER_FORWARDS
+        taken, tokens = 1, texts[0].length
+        while taken < min(len(texts), self.max_batch_texts) and tokens + texts[taken].length <= budget:
+            tokens += texts[taken].length
+            taken += 1
+        batch, rest = texts[:taken], texts[taken:]
         if rest:
             self._pending[group] = rest
         else:
@@ -311,9 +302,9 @@ class Batcher:
             self._deliver(texts, vectors, time.perf_counter() - start)
 
     def _split(self, texts: list[_Text]) -> list[list[int]]:
-        """The forwards a batch runs as: one, or a few of similar lengths where that computes fewer positions
-        (`token_budget_batches`; the batch already fits the budget)."""
-        return token_budget_batches([t.length for t in texts], sys.maxsize, self.max_batch_texts)
+        """The forwards a batch runs as: groups of similar lengths within the budget, the fewest positions
+        computed (`token_budget_batches`)."""
+        return token_budget_batches([t.length for t in texts], self.max_batch_tokens, self.max_batch_texts)
 
     def _forward(self, group: Hashable, texts: list[_Text], parts: list[list[int]]) -> np.ndarray:
         """On the model thread: run the parts, vectors back in the texts' order."""

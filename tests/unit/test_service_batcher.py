@@ -136,6 +136,40 @@ def test_a_gathered_batch_of_mixed_lengths_runs_as_forwards_of_similar_lengths()
     assert "sieve_batch_slots_total 651.0" in text and "sieve_batch_tokens_total 649.0" in text  # 10 x 5 + 2 x 300
 
 
+def test_calls_leave_in_arrival_order_under_load():
+    """A queue of many calls, each with texts of mixed lengths, several batches deep: calls finish in the order
+    they came (a later call's short texts never overtake an earlier call's), and every forward fits the budget."""
+    import random
+
+    model = FakeModel()
+    rng = random.Random(0)
+    calls = [[(rng.randint(2, 60), 1000 * c + j) for j in range(4)] for c in range(30)]
+    finished: list[int] = []
+
+    async def go(b):
+        model.gate.clear()
+        blocker = asyncio.ensure_future(b.submit("g", items((1, 1))))
+        await asyncio.to_thread(model.entered.wait, 5)
+        futures = []
+        for c, texts in enumerate(calls):
+            f = asyncio.ensure_future(b.submit("g", items(*texts)))
+            f.add_done_callback(lambda _, c=c: finished.append(c))
+            futures.append(f)
+        await asyncio.sleep(0.05)
+        model.gate.set()
+        await blocker
+        return await asyncio.gather(*futures)
+
+    outs = run(_with_batcher(model, go, max_batch_tokens=100, max_queued_texts=1000))
+    for texts, out in zip(calls, outs, strict=True):
+        assert out.vectors[:, :2].tolist() == [[n, first] for n, first in texts]
+    assert finished == list(range(30))
+    total = sum(n for texts in calls for n, _ in texts)
+    assert total > 8 * 100  # more than one batch's worth queued
+    for batch in model.batches[1:]:
+        assert len(batch) * max(len(i) for i in batch) <= 100, batch
+
+
 def test_groups_never_share_a_forward():
     model = FakeModel()
 
