@@ -80,6 +80,9 @@ class Settings(BaseSettings):
         "refrag-k8,refrag-k32", description="more REFRAG models for Answer calls whose block_size is another k: "
         "comma-separated shipped names or folders, each serving the block size it was trained for (loaded on the "
         "first such call, with its own copy of the decoder); empty: only the default model")
+    worker_preload: bool = Field(
+        True, description="a `sieve worker` loads the embedders of existing collections (SIEVE_EMBEDDER when there "
+        "are none) and the REFRAG block encoder before it says ready, instead of in its first batch")
     preload_models: bool = Field(
         False, description="load the reranker and REFRAG model at start (their health is NOT_SERVING until then) "
         "instead of on the first call that needs them")

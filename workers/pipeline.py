@@ -84,6 +84,21 @@ class WorkerContext:
         return self.block_encoder
 
 
+def warm(ctx: WorkerContext, default_embedder: str) -> list[str]:
+    """Load, and run once, what this worker's batches will need: the embedder of every collection (or
+    `default_embedder` when there is none yet) and, when block encodings are on, the REFRAG block encoder. A worker
+    that does this before it says ready does not charge its first batch for loading (~5 s for all-MiniLM-L6-v2 on a
+    CPU). Returns the embedders loaded."""
+    with session_scope(ctx.engine) as s:
+        names = sorted(set(s.scalars(select(Collection.embedder))))
+    names = names or [default_embedder]
+    for name in names:
+        ctx.embedder(name).encode_documents(["warm up"])
+    if ctx.refrag_ks:
+        ctx.blocks().encode_blocks(["warm up"], ctx.refrag_ks[0])
+    return names
+
+
 @dataclass
 class BatchResult:
     done: int = 0

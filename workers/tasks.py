@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import threading
+import time
 
 from celery import signals
 from kombu.exceptions import OperationalError as BrokerError
@@ -89,11 +90,28 @@ def _sweep_forever(interval: float, stop: threading.Event) -> None:
 _stop = threading.Event()
 
 
+def warm_up(settings: Settings) -> str:
+    """`pipeline.warm` on this process's context -> what was loaded, for the ready line. A model that fails to load
+    is logged, not fatal (the batches that need it fail with the reason)."""
+    t0 = time.perf_counter()
+    try:
+        names = pipeline.warm(context(), settings.embedder)
+    except Exception:
+        log.exception("could not preload the worker's models; batches will load them when they need them")
+        return "preloading failed, see the log"
+    blocks = " and the REFRAG block encoder" if settings.refrag_blocks else ""
+    return f"preloaded {', '.join(names)}{blocks} in {time.perf_counter() - t0:.1f} s"
+
+
 @signals.worker_ready.connect
-def _start_sweeper(**_kwargs) -> None:
+def _start_sweeper(sender=None, **_kwargs) -> None:
     settings = Settings()
     interval = min(30.0, max(1.0, settings.job_lease_s / 4))
-    print(f"sieve worker ready (pid {os.getpid()})", file=sys.stderr, flush=True)
+    # tasks run in this process with the solo pool (`sieve worker`); prefork children load lazily, after the fork
+    loaded = "models load in the first batch that needs them"
+    if settings.worker_preload and type(getattr(sender, "pool", None)).__module__ == "celery.concurrency.solo":
+        loaded = warm_up(settings)
+    print(f"sieve worker ready (pid {os.getpid()}; {loaded})", file=sys.stderr, flush=True)
     threading.Thread(target=_sweep_forever, args=(interval, _stop), name="sieve-sweep", daemon=True).start()
 
 

@@ -163,6 +163,8 @@ def run_crash_test(tmp_path: Path, corpus: Path, reference, database_url: str | 
         log.close()
 
     assert len(kills) == N_KILLS and mid_batch >= 1, (kills, mid_batch)
+    # every worker loaded the collection's embedder before saying ready, not inside its first batch
+    assert (tmp_path / "worker.log").read_text().count(f"preloaded {MODEL}") == N_KILLS + 1
     info = jobs.get_job(engine, job_id)
     assert (info.status, info.total, info.done, info.failed) == ("done", N_DOCS, N_DOCS, 0), info.errors[:5]
 

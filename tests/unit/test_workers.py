@@ -279,6 +279,39 @@ def test_workers_precompute_refrag_blocks_that_the_answer_path_can_read(ctx, tin
         assert fetch_blocks(s, list(chunks), k=4) == {} and fetch_blocks(s, list(chunks), k=8) == {}
 
 
+def test_warm_loads_and_runs_what_the_batches_will_need(ctx, tiny_embedder):
+    from sieve.workers.pipeline import warm
+
+    class Spy:  # counts what runs through each model
+        def __init__(self, inner=None):
+            self.inner, self.calls = inner, []
+
+        def encode_documents(self, texts, **kw):
+            self.calls.append(list(texts))
+            return self.inner.encode_documents(texts, **kw)
+
+        def encode_blocks(self, texts, k):
+            self.calls.append((list(texts), k))
+            return []
+
+    with session_scope(ctx.engine) as s:
+        create_collection(s, "more", embedder="tiny", dim=tiny_embedder.dim)  # two collections, one embedder
+    spy = Spy(tiny_embedder)
+    ctx.embedders = {"tiny": spy}
+    assert warm(ctx, "other-default") == ["tiny"]  # the collections' embedder, not the default
+    assert spy.calls == [["warm up"]]
+    ctx.refrag_ks, ctx.block_encoder = (8, 16), Spy()
+    warm(ctx, "other-default")
+    assert ctx.block_encoder.calls == [(["warm up"], 8)]
+
+    with session_scope(ctx.engine) as s:  # no collection yet: the default embedder
+        for name in ("docs", "more"):
+            s.delete(get_collection(s, name))
+    loaded = []
+    ctx.embedder = lambda name: loaded.append(name) or spy
+    assert warm(ctx, "other-default") == ["other-default"] and loaded == ["other-default"]
+
+
 def test_delete_documents_leaves_index_and_sql_in_agreement(ctx):
     drain(ctx, submit(ctx, [DocumentIn(f"d{i}", doc_text(i)) for i in range(5)]).id)
     job = jobs.submit_delete(ctx.engine, "docs", ["d1", "d3", "missing"], enqueue=Sent())
