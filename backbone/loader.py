@@ -14,6 +14,7 @@ reported, removed and rebuilt. HF folders are read in place (their safetensors a
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -21,6 +22,7 @@ import os
 import shutil
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,6 +134,19 @@ def cache_dir_for(source: Path, home: Path) -> Path:
     return home / "backbones" / f"{source.stem}-{key[:12]}"
 
 
+@contextmanager
+def _cache_lock(target: Path) -> Iterator[None]:
+    """One converter of a cache folder at a time across processes (a server and its worker start together on a
+    fresh machine): an exclusive `flock` on `<folder>.lock` beside it."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.with_name(f"{target.name}.lock"), "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _write_cache(source: Path, target: Path) -> float:
     t0 = time.perf_counter()
     from safetensors.torch import save_file
@@ -229,14 +244,17 @@ def load_backbone(
     folder = cache_dir_for(source, Path(home).expanduser())
     converted_now, reason = False, None
     if not (folder / "manifest.json").exists():
-        _write_cache(source, folder)
-        converted_now = True
+        with _cache_lock(folder):
+            if not (folder / "manifest.json").exists():  # another process may have written it while we waited
+                _write_cache(source, folder)
+                converted_now = True
     try:
         model, tokenizer, manifest = _read_cache(folder, dev, dt)
     except CacheCorrupt as e:
         reason = str(e)
         log.warning("backbone cache at %s is corrupt (%s); rebuilding it from %s", folder, reason, source)
-        _write_cache(source, folder)
+        with _cache_lock(folder):
+            _write_cache(source, folder)
         converted_now = True
         model, tokenizer, manifest = _read_cache(folder, dev, dt)
     return Backbone(

@@ -97,6 +97,42 @@ def test_first_start_converts_second_loads_from_cache(tiny_gguf, tmp_path):
     assert torch.equal(q, hf_weights["model.layers.1.self_attn.q_proj.weight"])
 
 
+def test_processes_starting_together_convert_once(tiny_gguf, tmp_path, monkeypatch):
+    """A server and its worker loading the same GGUF on a fresh home: one converts, the other waits and reads
+    (two threads stand in for the processes: flock excludes separate opens of the lock file alike)."""
+    import threading
+    import time
+
+    import sieve.backbone.loader as loader
+
+    path, _ = tiny_gguf
+    write = loader._write_cache
+
+    def slow_write(source, target):  # keep the first conversion in progress while the second arrives
+        time.sleep(0.3)
+        return write(source, target)
+
+    loader.tokenizer_from_gguf(path)  # its lazy imports, once, before two threads race through them
+    monkeypatch.setattr(loader, "_write_cache", slow_write)
+    results, errors = [], []
+
+    def load():
+        try:
+            results.append(load_backbone(path, home=tmp_path))
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=load) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert sorted(b.converted_now for b in results) == [False, True]
+    ids = random_ids(1, 9)
+    assert torch.equal(results[0].model(ids).logits, results[1].model(ids).logits)
+
+
 @pytest.mark.parametrize("damage", ["truncate_weights", "garbage_manifest", "garbage_tokenizer", "wrong_shapes"])
 def test_corrupt_cache_is_rebuilt_not_fatal(tiny_gguf, tmp_path, damage, caplog):
     path, _ = tiny_gguf
