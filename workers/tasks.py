@@ -104,7 +104,8 @@ def warm_up(settings: Settings) -> str:
 
 
 @signals.worker_ready.connect
-def _start_sweeper(sender=None, **_kwargs) -> None:
+def _on_ready(sender=None, **_kwargs) -> None:
+    """Preload the models (solo pool), say ready, start the sweep."""
     settings = Settings()
     interval = min(30.0, max(1.0, settings.job_lease_s / 4))
     # tasks run in this process with the solo pool (`sieve worker`); prefork children load lazily, after the fork
