@@ -108,7 +108,8 @@ def _on_ready(sender=None, **_kwargs) -> None:
     """Preload the models (solo pool), say ready, start the sweep."""
     settings = Settings()
     interval = min(30.0, max(1.0, settings.job_lease_s / 4))
-    # tasks run in this process with the solo pool (`sieve worker`); prefork children load lazily, after the fork
+    # tasks run in this process with the solo pool (`sieve worker`). Prefork children load lazily: Celery ends a
+    # child that takes over worker_proc_alive_timeout (4 s) to start, and models must load after the fork
     loaded = "models load in the first batch that needs them"
     if settings.worker_preload and type(getattr(sender, "pool", None)).__module__ == "celery.concurrency.solo":
         loaded = warm_up(settings)
