@@ -58,6 +58,19 @@ async def _with_batcher(model, fn, **kw):
         await b.close()
 
 
+async def _behind_a_busy_model(model, b, queue):
+    """Hold the model on a one-token call while `queue()` submits calls (-> their futures), then let it go: the
+    queued calls meet in the batcher. -> their outcomes, in order."""
+    model.gate.clear()
+    blocker = asyncio.ensure_future(b.submit("g", items((1, 1))))
+    await asyncio.to_thread(model.entered.wait, 5)
+    futures = queue()
+    await asyncio.sleep(0.05)
+    model.gate.set()
+    await blocker
+    return await asyncio.gather(*futures)
+
+
 def test_concurrent_calls_merge_into_one_forward_and_keep_order():
     model = FakeModel()
     metrics = Metrics()
@@ -88,16 +101,10 @@ def test_batches_respect_the_token_budget_and_group_similar_lengths():
     lengths = [3, 50, 4, 48, 5, 52, 3, 49, 6, 51, 200]
 
     async def go(b):
-        model.gate.clear()
-        blocker = asyncio.ensure_future(b.submit("g", items((1, 1))))
-        await asyncio.to_thread(model.entered.wait, 5)
-        out = asyncio.ensure_future(b.submit("g", items(*[(n, 10 + i) for i, n in enumerate(lengths)])))
-        await asyncio.sleep(0.02)
-        model.gate.set()
-        await blocker
-        return await out
+        return await _behind_a_busy_model(model, b, lambda: [
+            asyncio.ensure_future(b.submit("g", items(*[(n, 10 + i) for i, n in enumerate(lengths)])))])
 
-    out = run(_with_batcher(model, go, max_batch_tokens=110))
+    (out,) = run(_with_batcher(model, go, max_batch_tokens=110))
     assert out.vectors[:, 0].tolist() == lengths  # all back, in order
     for batch in model.batches[1:]:
         longest = max(len(i) for i in batch)
@@ -114,15 +121,11 @@ def test_a_gathered_batch_of_mixed_lengths_runs_as_forwards_of_similar_lengths()
     metrics = Metrics()
 
     async def go(b):
-        model.gate.clear()
-        blocker = asyncio.ensure_future(b.submit("g", items((1, 1))))
-        await asyncio.to_thread(model.entered.wait, 5)
-        calls = [asyncio.ensure_future(b.submit("g", items((4, 100 + k), (300, 200 + k)))) for k in range(2)]
-        calls += [asyncio.ensure_future(b.submit("g", items((5, 300 + k)))) for k in range(8)]
-        await asyncio.sleep(0.05)
-        model.gate.set()
-        await blocker
-        return await asyncio.gather(*calls)
+        def queue():
+            calls = [asyncio.ensure_future(b.submit("g", items((4, 100 + k), (300, 200 + k)))) for k in range(2)]
+            return calls + [asyncio.ensure_future(b.submit("g", items((5, 300 + k)))) for k in range(8)]
+
+        return await _behind_a_busy_model(model, b, queue)
 
     outs = run(_with_batcher(model, go, max_batch_tokens=4000, metrics=metrics))
     for k in range(2):  # a call whose texts ran in two forwards gets both back, in its order
@@ -147,18 +150,15 @@ def test_calls_leave_in_arrival_order_under_load():
     finished: list[int] = []
 
     async def go(b):
-        model.gate.clear()
-        blocker = asyncio.ensure_future(b.submit("g", items((1, 1))))
-        await asyncio.to_thread(model.entered.wait, 5)
-        futures = []
-        for c, texts in enumerate(calls):
-            f = asyncio.ensure_future(b.submit("g", items(*texts)))
-            f.add_done_callback(lambda _, c=c: finished.append(c))
-            futures.append(f)
-        await asyncio.sleep(0.05)
-        model.gate.set()
-        await blocker
-        return await asyncio.gather(*futures)
+        def queue():
+            futures = []
+            for c, texts in enumerate(calls):
+                f = asyncio.ensure_future(b.submit("g", items(*texts)))
+                f.add_done_callback(lambda _, c=c: finished.append(c))
+                futures.append(f)
+            return futures
+
+        return await _behind_a_busy_model(model, b, queue)
 
     outs = run(_with_batcher(model, go, max_batch_tokens=100, max_queued_texts=1000))
     for texts, out in zip(calls, outs, strict=True):
