@@ -141,12 +141,14 @@ def test_a_gathered_batch_of_mixed_lengths_runs_as_forwards_of_similar_lengths()
 
 def test_calls_leave_in_arrival_order_under_load():
     """A queue of many calls, each with texts of mixed lengths, several batches deep: calls finish in the order
-    they came (a later call's short texts never overtake an earlier call's), and every forward fits the budget."""
+    they came, up to the calls of one batch (8 forwards' worth of tokens), which finish as their forwards do. A
+    later call's short texts never overtake an earlier call by more than that, and every forward fits the
+    budget."""
     import random
 
     model = FakeModel()
     rng = random.Random(0)
-    calls = [[(rng.randint(2, 60), 1000 * c + j) for j in range(4)] for c in range(30)]
+    calls = [[(rng.randint(2, 30), 1000 * c + j) for j in range(4)] for c in range(60)]  # each under its share
     finished: list[int] = []
 
     async def go(b):
@@ -160,14 +162,76 @@ def test_calls_leave_in_arrival_order_under_load():
 
         return await _behind_a_busy_model(model, b, queue)
 
-    outs = run(_with_batcher(model, go, max_batch_tokens=100, max_queued_texts=1000))
+    outs = run(_with_batcher(model, go, max_batch_tokens=120, max_queued_texts=1000))
     for texts, out in zip(calls, outs, strict=True):
         assert out.vectors[:, :2].tolist() == [[n, first] for n, first in texts]
-    assert finished == list(range(30))
-    total = sum(n for texts in calls for n, _ in texts)
-    assert total > 8 * 100  # more than one batch's worth queued
+    assert sorted(finished) == list(range(60))
+    sizes = [sum(n for n, _ in texts) for texts in calls]
+    per_batch = max(j - i for i in range(60) for j in range(i, 61) if sum(sizes[i:j]) <= 8 * 120)
+    for place, c in enumerate(finished):
+        assert abs(place - c) < per_batch, (place, c, per_batch, finished)
+    assert sum(sizes) > 3 * 8 * 120  # several batches' worth queued
     for batch in model.batches[1:]:
-        assert len(batch) * max(len(i) for i in batch) <= 100, batch
+        assert len(batch) * max(len(i) for i in batch) <= 120, batch
+
+
+def test_a_short_call_behind_a_long_one_rides_in_the_next_batch():
+    """A 1-text call that arrives after a 300-text call gets its share of the next batch and comes back after that
+    batch's first forwards, long before the big call (which still gets its vectors in order)."""
+    model = FakeModel()
+    finished: list[str] = []
+
+    async def go(b):
+        def queue():
+            big = asyncio.ensure_future(b.submit("g", items(*[(10, k) for k in range(300)])))
+            big.add_done_callback(lambda _: finished.append("big"))
+            small = asyncio.ensure_future(b.submit("g", items((3, 7777))))
+            small.add_done_callback(lambda _: finished.append("small"))
+            return [big, small]
+
+        return await _behind_a_busy_model(model, b, queue)
+
+    big, small = run(_with_batcher(model, go, max_batch_tokens=100, max_queued_texts=1000))
+    assert finished == ["small", "big"]
+    assert small.vectors[:, :2].tolist() == [[3, 7777]]
+    assert big.vectors[:, 1].tolist() == list(range(300))
+    forward = next(i for i, batch in enumerate(model.batches) if [3] + [1] * 2 == batch[0] or
+                   any(ids[0] == 7777 for ids in batch))
+    assert forward <= 2, forward  # the blocker's forward, then the big call's share (10 x 10 tokens), or with it
+    assert len(model.batches) >= 1 + 300 // 10  # the big call ran in forwards of the budget after it
+
+
+def test_a_call_arriving_mid_batch_interrupts_a_big_calls_forwards():
+    """A batch of one big call's texts (8 forwards) is running when a 1-text call arrives: the batch stops after
+    its current forward, the newcomer runs next, and the big call's other texts follow, none lost or repeated."""
+    import time
+
+    class SlowModel(FakeModel):
+        def __call__(self, group, items):
+            time.sleep(0.02)
+            out = super().__call__(group, items)
+            if len(self.batches) == 2:
+                third.set()  # the model is about to run the batch's third forward
+            return out
+
+    model = SlowModel()
+    third = threading.Event()
+
+    async def go(b):
+        big = asyncio.ensure_future(b.submit("g", items(*[(10, k) for k in range(160)])))
+        await asyncio.to_thread(third.wait, 5)
+        small = await b.submit("g", items((3, 7777)))
+        done_after = len(model.batches)
+        return await big, small, done_after
+
+    big, small, forwards_when_small_done = run(_with_batcher(model, go, max_batch_tokens=100, max_queued_texts=1000))
+    assert small.vectors[:, :2].tolist() == [[3, 7777]]
+    assert big.vectors[:, 1].tolist() == list(range(160))
+    at = next(i for i, batch in enumerate(model.batches) if any(ids[0] == 7777 for ids in batch))
+    assert at <= 4, at  # forwards 0-1 ran, 2 was running or about to: one gather would run to forward 7
+    assert forwards_when_small_done <= 5
+    ran = sorted(ids[0] for batch in model.batches for ids in batch if ids[0] != 7777)
+    assert ran == list(range(160))  # every text of the big call ran exactly once
 
 
 def test_groups_never_share_a_forward():
@@ -252,6 +316,30 @@ def test_a_failing_call_does_not_fail_its_batch_mates_or_the_loop():
     assert error.code == grpc.StatusCode.INTERNAL and "model failed" in error.message
     assert after.vectors[0, 1] == 30
     assert any(len(b) == 4 for b in model.batches)  # they really were batched together first
+
+
+def test_a_forward_failing_after_others_ran_reruns_only_the_texts_without_vectors():
+    """Forwards hand their vectors over as they finish, so when a later forward of the batch fails, a call whose
+    short text already came back reruns only its long text, and gets both vectors once."""
+    model = FakeModel()
+
+    async def go(b):
+        async def settle(futures):  # the poisoned call's error as a value
+            return await asyncio.gather(*futures, return_exceptions=True)
+
+        def queue():
+            return [settle([asyncio.ensure_future(b.submit("g", items((300, 1), (4, 2)))),
+                            asyncio.ensure_future(b.submit("g", items((290, POISON))))])]
+
+        (good, bad), = await _behind_a_busy_model(model, b, queue)
+        return good, bad
+
+    good, bad = run(_with_batcher(model, go, max_batch_tokens=4000))
+    assert isinstance(bad, ServiceError) and bad.code == grpc.StatusCode.INTERNAL
+    assert good.vectors[:, :2].tolist() == [[300, 1], [4, 2]]
+    firsts = [[ids[0] for ids in batch] for batch in model.batches[1:]]
+    assert firsts[0] == [2]  # the short forward ran first and delivered
+    assert firsts.count([2]) == 1 and [1] in firsts  # rerun: the long text alone, the short one not again
 
 
 def test_closing_refuses_new_work():
