@@ -109,8 +109,11 @@ def main() -> None:
     ap.add_argument("--name", default="mixed-traffic")
     args = ap.parse_args()
 
+    import torch
+
     from sieve.registry import resolve_embedder
 
+    torch.set_num_threads(args.threads)  # only for the device line: the servers are separate processes
     model_path = resolve_embedder(MODEL)
     texts = make_texts(args.bulk_calls * args.bulk_texts, seed=2)
     bulk = [texts[i:i + args.bulk_texts] for i in range(0, len(texts), args.bulk_texts)]

@@ -16,6 +16,7 @@ from sieve.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from .answer import Answerer, AnswerStats, AnswerStream
+    from .batched import BatchedDecoder, Busy
     from .encoder import BlockEncoder, EncodedPassage, block_spans, encode_blocks, load_block_encoder
     from .model import Refrag
     from .model_dir import RefragConfig, load_refrag, resolve_refrag
@@ -25,6 +26,8 @@ if TYPE_CHECKING:
 
 _WHERE = {
     "Answerer": ".answer",
+    "BatchedDecoder": ".batched",
+    "Busy": ".batched",
     "AnswerStats": ".answer",
     "AnswerStream": ".answer",
     "BlockEncoder": ".encoder",
@@ -46,9 +49,9 @@ _WHERE = {
 }
 
 __all__ = [
-    "POLICIES", "AnswerStats", "AnswerStream", "Answerer", "BlockEncoder", "EncodedPassage", "Layout", "PolicyScorer",
-    "Projector", "Refrag", "RefragConfig", "Segment", "block_spans", "encode_blocks", "lm_layout", "load_block_encoder",
-    "load_refrag", "qa_layout", "resolve_refrag",
+    "POLICIES", "AnswerStats", "AnswerStream", "Answerer", "BatchedDecoder", "BlockEncoder", "Busy", "EncodedPassage",
+    "Layout", "PolicyScorer", "Projector", "Refrag", "RefragConfig", "Segment", "block_spans", "encode_blocks",
+    "lm_layout", "load_block_encoder", "load_refrag", "qa_layout", "resolve_refrag",
 ]
 
 

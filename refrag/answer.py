@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from sieve.backbone.generate import DecodeCursor, sample
 
+from .batched import BatchedDecoder
 from .encoder import MAX_K, EncodedPassage
 from .model import Refrag
 
@@ -77,17 +78,23 @@ def prefill_embeds(model, embeds: torch.Tensor, max_new_tokens: int) -> tuple[De
 
 
 class Answerer:
-    def __init__(self, refrag: Refrag, *, max_passages: int = MAX_PASSAGES):
+    def __init__(self, refrag: Refrag, *, max_passages: int = MAX_PASSAGES, decoder: BatchedDecoder | None = None):
+        """decoder: a `BatchedDecoder` on refrag.model, so several streams decode together; None: one stream at
+        a time on the model's own KV cache (a second concurrent stream gets RuntimeError)."""
         self.refrag = refrag
         self.max_passages = max_passages
+        self.decoder = decoder
         self._busy = threading.Lock()  # the decoder has one KV cache: one stream decodes at a time
 
     def stream(self, question: str, passages: Sequence[str | EncodedPassage], *, k: int | None = None,
                expansion: float | None = None, policy: str | None = None, max_new_tokens: int = 128,
-               temperature: float = 0.0, cancel: threading.Event | None = None) -> AnswerStream:
+               temperature: float = 0.0, cancel: threading.Event | None = None,
+               deadline: float | None = None) -> AnswerStream:
         """Start answering `question` from `passages` (texts, or encodings precomputed at index time with the same
         k). expansion: fraction of blocks fed as full tokens (0: all compressed, 1: the full-context prompt), picked
-        by `policy`; None: the model's defaults (`refrag.expansion` / `refrag.policy`, from its refrag.json)."""
+        by `policy`; None: the model's defaults (`refrag.expansion` / `refrag.policy`, from its refrag.json).
+        deadline (time.monotonic()): with a batched decoder, the call fails with TimeoutError if it has not got a
+        row by then."""
         t0 = time.perf_counter()
         r = self.refrag
         k = r.k if k is None else k
@@ -138,13 +145,13 @@ class Answerer:
                            _pieces=iter(()))
         if cancel is not None:
             out._cancel = cancel
-        out._pieces = self._generate(layout, expand, out, max_new_tokens, temperature, t0)
+        out._pieces = self._generate(layout, expand, out, max_new_tokens, temperature, t0, deadline)
         return out
 
     def _generate(self, layout, expand, out: AnswerStream, max_new_tokens: int, temperature: float,
-                  t0: float) -> Iterator[str]:
+                  t0: float, deadline: float | None) -> Iterator[str]:
         tokenizer = self.refrag.tokenizer
-        ids = self._token_ids(layout, expand, out, max_new_tokens, temperature)
+        ids = self._token_ids(layout, expand, out, max_new_tokens, temperature, deadline)
         try:
             for piece in tokenizer.stream_decode(ids):
                 if out.stats.ttft_s is None:
@@ -157,38 +164,49 @@ class Answerer:
             out.stats.stopped = out.stats.stopped or "closed"
 
     @torch.inference_mode()  # as a decorator: torch switches the mode around each step of the generator only
-    def _token_ids(self, layout, expand, out: AnswerStream, max_new_tokens: int, temperature: float
-                   ) -> Iterator[int]:
+    def _token_ids(self, layout, expand, out: AnswerStream, max_new_tokens: int, temperature: float,
+                   deadline: float | None) -> Iterator[int]:
         if out._cancel.is_set():
             out.stats.stopped = "cancelled"
             return
-        if not self._busy.acquire(blocking=False):
+        if self.decoder is not None:
+            ids = self.decoder.decode(lambda: self.refrag.embed(layout, expand), max_new_tokens=max_new_tokens,
+                                      temperature=temperature, cancel=out._cancel, deadline=deadline)
+        elif not self._busy.acquire(blocking=False):
             raise RuntimeError("another answer is streaming on this model (one KV cache); finish or close it first")
+        else:
+            ids = self._decode(layout, expand, out._cancel, max_new_tokens, temperature)
         try:
-            yield from self._decode(layout, expand, out, max_new_tokens, temperature)
+            while True:
+                try:
+                    tid = next(ids)
+                except StopIteration as stop:
+                    out.stats.stopped = stop.value
+                    return
+                out.token_ids.append(tid)
+                out.stats.generated_tokens += 1
+                yield tid
         finally:
-            self._busy.release()
+            ids.close()
+            if self.decoder is None:
+                self._busy.release()
 
-    def _decode(self, layout, expand, out: AnswerStream, max_new_tokens: int, temperature: float) -> Iterator[int]:
+    def _decode(self, layout, expand, cancel: threading.Event, max_new_tokens: int,
+                temperature: float) -> Generator[int, None, str]:
+        """One stream on the model's own KV cache: token ids, then why it stopped."""
         r = self.refrag
-        model = r.model
         stop = set(r.tokenizer.eos_ids)
-        cursor, logits = prefill_embeds(model, r.embed(layout, expand), max_new_tokens)
+        cursor, logits = prefill_embeds(r.model, r.embed(layout, expand), max_new_tokens)
         for i in range(max_new_tokens):
             token = sample(logits, temperature=temperature)
             tid = int(token[0])
             if tid in stop:
-                out.stats.stopped = "eos"
-                return
-            out.token_ids.append(tid)
-            out.stats.generated_tokens += 1
+                return "eos"
             yield tid
-            if out._cancel.is_set():
-                out.stats.stopped = "cancelled"
-                return
+            if cancel.is_set():
+                return "cancelled"
             if i == max_new_tokens - 1:
-                out.stats.stopped = "max_new_tokens"
-                return
+                return "max_new_tokens"
             logits = cursor.step(token)
 
     def answer(self, question: str, passages: Sequence[str | EncodedPassage], **options) -> str:

@@ -109,6 +109,10 @@ class Lane:
             raise
         return result, waited[0]
 
+    def post(self, fn: Callable[[], object]):
+        """Queue `fn` on the lane's thread, behind what is queued, without admission (a batched decoder's tick)."""
+        return self._executor.submit(fn)
+
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
@@ -191,9 +195,10 @@ class Generators:
     def __init__(self, *, reranker: Callable[[], object] | None, answerer: Callable[[], object] | None,
                  reranker_name: str = "sieve-rank", answerer_name: str = "refrag-k16", max_waiting: int = 8,
                  metrics=None, answerer_k: int = 0,
-                 answerers_by_k: dict[int, tuple[str, Callable[[], object]]] | None = None):
+                 answerers_by_k: dict[int, tuple[str, Callable[[], object]]] | None = None, answer_batch: int = 1):
         """`answerer_k`: the default REFRAG model's block size (0: known once loaded); `answerers_by_k`: more REFRAG
-        models, block size -> (name, loader), for Answer calls whose block_size asks for them."""
+        models, block size -> (name, loader), for Answer calls whose block_size asks for them; `answer_batch`: Answer
+        streams of one model that decode together (1: one at a time, on its lane)."""
         self.rerank_slot = _Slot("reranker", reranker_name, reranker)
         self.answer_slot = _Slot("REFRAG model", answerer_name, answerer)
         self.answer_k = answerer_k
@@ -201,7 +206,10 @@ class Generators:
                             sorted((answerers_by_k or {}).items())}
         self.max_waiting = max_waiting
         self.metrics = metrics
+        self.answer_batch = answer_batch
         self._lanes: dict[int, tuple[object, Lane]] = {}
+        # batched Answer calls read their tokens on these threads (the decoding runs on the model's lane)
+        self.readers = ThreadPoolExecutor(4 * answer_batch + max_waiting, thread_name_prefix="sieve-answer-reader")
 
     @classmethod
     def from_settings(cls, settings, metrics=None) -> Generators:
@@ -253,11 +261,12 @@ class Generators:
         default_k, by_k = refrag_block_sizes(settings.refrag, settings.refrag_block_models)
         return cls(reranker=reranker, answerer=answerer(settings.refrag), reranker_name=settings.reranker,
                    answerer_name=settings.refrag, max_waiting=settings.max_waiting_generations, metrics=metrics,
-                   answerer_k=default_k, answerers_by_k={k: (name, answerer(name)) for k, name in by_k.items()})
+                   answerer_k=default_k, answerers_by_k={k: (name, answerer(name)) for k, name in by_k.items()},
+                   answer_batch=settings.answer_batch)
 
     @classmethod
     def preloaded(cls, *, reranker=None, answerer=None, more_answerers=(), max_waiting: int = 8,
-                  metrics=None) -> Generators:
+                  metrics=None, answer_batch: int = 1) -> Generators:
         """Models already in memory (tests, benchmarks); a missing one answers UNIMPLEMENTED. `more_answerers`:
         Answerers for other block sizes (each by its model's k)."""
         more = {a.refrag.k: a for a in more_answerers}
@@ -267,7 +276,8 @@ class Generators:
                   answerer_name=getattr(getattr(answerer, "refrag", None), "name", "refrag"),
                   max_waiting=max_waiting, metrics=metrics,
                   answerer_k=answerer.refrag.k if answerer is not None else 0,
-                  answerers_by_k={k: (a.refrag.name, lambda a=a: a) for k, a in more.items()})
+                  answerers_by_k={k: (a.refrag.name, lambda a=a: a) for k, a in more.items()},
+                  answer_batch=answer_batch)
         out.rerank_slot.model, out.answer_slot.model = reranker, answerer
         for k, a in more.items():
             out.block_slots[k].model = a
@@ -306,7 +316,14 @@ class Generators:
     async def answerer(self, block_size: int = 0):
         """-> (Answerer, its lane) for `block_size` (0: the default model), loading it if needed."""
         answerer = await self.answer_slot_for(block_size).get()
-        return answerer, self.lane(answerer.refrag.model)
+        lane = self.lane(answerer.refrag.model)
+        if self.answer_batch > 1 and answerer.decoder is None:  # its streams decode together, in ticks on the lane
+            from sieve.refrag import BatchedDecoder
+
+            answerer.decoder = BatchedDecoder(answerer.refrag.model, answerer.refrag.tokenizer.eos_ids,
+                                              max_rows=self.answer_batch, max_waiting=self.max_waiting,
+                                              submit=lane.post)
+        return answerer, lane
 
     async def preload(self) -> bool:
         """Load both now; True if both loaded (failures are logged, and calls say why)."""
@@ -323,6 +340,23 @@ class Generators:
     def close(self) -> None:
         for _, lane in self._lanes.values():
             lane.close()
+        self.readers.shutdown(wait=False, cancel_futures=True)
+
+
+async def _read_batched(readers: ThreadPoolExecutor, generate: Callable[[], object]) -> tuple[object, int]:
+    """Run `generate` on a reader thread -> (its stream, 0: the wait for a row is in the time to first token);
+    the batched decoder's refusals as the service's errors."""
+    from sieve.refrag import Busy
+
+    def read():
+        try:
+            return generate()
+        except Busy as e:
+            raise QueueFull(str(e)) from None
+        except TimeoutError as e:
+            raise Expired(str(e)) from None
+
+    return await asyncio.wrap_future(readers.submit(read)), 0
 
 
 def _deadline(context) -> float | None:
@@ -533,10 +567,12 @@ class AnswerServicer(answer_pb2_grpc.AnswerServiceServicer):
             except RuntimeError:  # the loop is gone (shutdown): stop generating
                 cancel.set()
 
+        deadline = _deadline(context)
+
         def generate():
             stream = answerer.stream(request.question, passages, expansion=expansion, policy=policy,
-                                     max_new_tokens=max_new,
-                                     temperature=temperature, cancel=cancel)
+                                     max_new_tokens=max_new, temperature=temperature, cancel=cancel,
+                                     deadline=deadline)
             put(("start", stream))
             try:
                 for piece in stream:
@@ -545,7 +581,10 @@ class AnswerServicer(answer_pb2_grpc.AnswerServiceServicer):
                 stream.close()
             return stream
 
-        runner = asyncio.ensure_future(lane.run(generate, deadline=_deadline(context), cancel=cancel))
+        if answerer.decoder is not None:  # decoding runs in the batched decoder's ticks; this thread reads
+            runner = asyncio.ensure_future(_read_batched(state.generation.readers, generate))
+        else:
+            runner = asyncio.ensure_future(lane.run(generate, deadline=deadline, cancel=cancel))
         runner.add_done_callback(lambda _: pieces.put_nowait((_END, None)))
         first_ns = None
         try:

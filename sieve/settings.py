@@ -100,6 +100,10 @@ class Settings(BaseSettings):
         False, description="compile the decode step of the reranker's and REFRAG model's decoder (AOTInductor on "
         "CPU): faster tokens; the first call at each new batch size / cache length compiles (35-120 s on 2 CPU "
         "cores), and the library is kept in SIEVE_HOME/cache/aot for later starts")
+    answer_batch: int = Field(
+        8, ge=1, description="Answer streams of one REFRAG model that decode together (continuous batching: a call "
+        "joins the running batch at the next step); 1: one stream at a time on the model's own KV cache, the only "
+        "case the compiled decode step (SIEVE_COMPILE_DECODE) serves")
     max_waiting_generations: int = Field(
         8, ge=0, description="Rerank / Answer calls waiting for a busy decoder (one KV cache: one call at a time) "
         "before more get RESOURCE_EXHAUSTED")

@@ -66,8 +66,13 @@ class RecordingAnswerer(Answerer):
         self.streams.append(s)
         return s
 
-    def _decode(self, *a, **kw):
-        for token in super()._decode(*a, **kw):
+    def _decode(self, *a, **kw):  # token ids, then (as the generator's value) why it stopped
+        ids = super()._decode(*a, **kw)
+        while True:
+            try:
+                token = next(ids)
+            except StopIteration as stop:
+                return stop.value
             time.sleep(self.delay)
             yield token
 
@@ -397,6 +402,84 @@ def test_a_busy_decoder_refuses_more_than_the_waiting_limit(tmp_path, embedder, 
         assert rejected and float(rejected.group(1)) >= 1
     finally:
         answerer.delay = 0.0
+        running.stop()
+
+
+def _slow_steps(decoder, seconds: float) -> None:
+    """Each batched step of `decoder` takes `seconds` more (so streams are still decoding when the test looks)."""
+    step = decoder.batch.step
+
+    def slow(tokens):
+        time.sleep(seconds)
+        return step(tokens)
+
+    decoder.batch.step = slow
+
+
+def _settles(decoder, rows: int) -> None:
+    deadline = time.monotonic() + 10
+    while decoder.decoding != rows and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert decoder.decoding == rows
+
+
+def test_concurrent_answers_decode_together_and_answer_as_one_at_a_time(tmp_path, embedder, refrag):  # noqa: F811
+    questions = [("which gene?", [text(10, 1), text(13, 2)]), ("cancer risk", [text(30, 3)]),
+                 ("blood level?", [text(7, 4), text(20, 5)])]
+    want = []
+    for q, passages in questions:
+        s = Answerer(refrag).stream(q, passages, max_new_tokens=12)
+        want.append(("".join(s), s.stats.stopped, s.stats.generated_tokens))
+    answerer = Answerer(refrag)
+    running = serve(tmp_path, embedder, Generators.preloaded(answerer=answerer, answer_batch=4))
+    try:
+        start = threading.Barrier(len(questions))
+        got: list = [None] * len(questions)
+
+        def ask(i):
+            q, passages = questions[i]
+            with running.client() as c:
+                start.wait()
+                stream = c.answer(q, passages=passages, max_new_tokens=12)
+                text_out = "".join(stream)
+                got[i] = (text_out, stream.finish_reason, stream.usage.generated_tokens)
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(questions))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert got == want
+        assert answerer.decoder is not None and answerer.decoder.widest >= 2  # they shared decoding steps
+        _settles(answerer.decoder, 0)
+    finally:
+        running.stop()
+
+
+def test_a_full_batched_decoder_refuses_a_cancelled_answer_leaves_and_rerank_runs_between_steps(
+        tmp_path, embedder, reranker, refrag):  # noqa: F811
+    answerer = Answerer(refrag)
+    running = serve(tmp_path, embedder, Generators.preloaded(reranker=reranker, answerer=answerer, max_waiting=0,
+                                                             answer_batch=2))
+    try:
+        with running.client() as c:
+            assert c.answer("q?", passages=[text(5, 1)], max_new_tokens=2).read() is not None  # makes the decoder
+            decoder = answerer.decoder
+            _slow_steps(decoder, 0.02)
+            a = c.answer("q?", passages=[text(20, 1)], max_new_tokens=250)
+            b = c.answer("gene?", passages=[text(20, 2)], max_new_tokens=250)
+            next(iter(a)), next(iter(b))  # both rows decoding
+            with pytest.raises(ResourceExhausted, match="limit 0"):
+                c.answer("more?", passages=[text(5, 3)], max_new_tokens=3).read()
+            assert len(c.rerank("q", ["a", "b"])) == 2  # same decoder, same lane: between two steps
+            assert decoder.decoding == 2
+            a.cancel()
+            assert list(a) == []
+            _settles(decoder, 1)  # a's row left at the next step; b goes on
+            assert c.answer("more?", passages=[text(5, 3)], max_new_tokens=3).read() is not None
+            b.cancel()
+            _settles(decoder, 0)
+    finally:
         running.stop()
 
 
