@@ -66,6 +66,7 @@ class BatchedDecoder:
         self._waiting: deque[_Call] = deque()
         self._rows: dict[int, _Call] = {}
         self._scheduled = False
+        self._closed = False
         self._keys = itertools.count()
         self.batch = DecodeBatch(model)
         self.steps = 0  # batched steps run (for tests and metrics)
@@ -85,6 +86,8 @@ class BatchedDecoder:
         "eos", "max_new_tokens" or "cancelled". Raises Busy at once when the decoder is full."""
         call = _Call(next(self._keys), embed, max_new_tokens, temperature, cancel or threading.Event(), deadline)
         with self._lock:
+            if self._closed:
+                raise RuntimeError("the decoder is shut down")
             if len(self._rows) >= self.max_rows and len(self._waiting) >= self.max_waiting:
                 raise Busy(f"{len(self._rows)} answers are decoding and {len(self._waiting)} wait (limit "
                            f"{self.max_waiting}); retry with backoff")
@@ -105,17 +108,30 @@ class BatchedDecoder:
             call.gone = True  # stopped reading (done, closed or failed): its row leaves before the next step
 
     def close(self) -> None:
+        """Refuse new calls and end every waiting or decoding one with an error (their readers never hang)."""
+        with self._lock:
+            self._closed = True
+            calls = list(self._waiting) + list(self._rows.values())
+            self._waiting.clear()
+        for call in calls:
+            call.out.put(("error", RuntimeError("the decoder shut down while this answer was in progress")))
         if self._own is not None:
             self._own.shutdown(wait=False, cancel_futures=True)
 
     # ---------------------------------------------------------------------------------------------- the ticks
 
     def _schedule(self) -> None:  # under the lock
-        if not self._scheduled:
+        if not self._scheduled and not self._closed:
             self._scheduled = True
-            self._submit(self._tick)
+            try:
+                self._submit(self._tick)
+            except RuntimeError:  # the executor is shut down: nothing will decode these any more
+                self._scheduled = False
+                threading.Thread(target=self.close, daemon=True).start()  # close takes the lock we hold
 
     def _tick(self) -> None:
+        if self._closed:
+            return
         try:
             with torch.inference_mode():
                 self._admit()
@@ -178,14 +194,14 @@ class BatchedDecoder:
         keys = list(self.batch.keys)
         try:
             logits = self.batch.step(torch.tensor([self._rows[k].next for k in keys]))
+            self.steps += 1
+            self.widest = max(self.widest, len(keys))
+            done = [k for i, k in enumerate(keys) if not self._emit(self._rows[k], logits[i:i + 1])]
         except Exception as exc:  # the step's rows fail; the decoder stays usable
             for k in keys:
                 self._rows.pop(k).out.put(("error", exc))
             self.batch.leave(keys)
             return
-        self.steps += 1
-        self.widest = max(self.widest, len(keys))
-        done = [k for i, k in enumerate(keys) if not self._emit(self._rows[k], logits[i:i + 1])]
         for k in done:
             del self._rows[k]
         self.batch.leave(done)

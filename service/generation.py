@@ -338,6 +338,10 @@ class Generators:
         return ok
 
     def close(self) -> None:
+        for slot in (self.answer_slot, *self.block_slots.values()):
+            decoder = getattr(slot.model, "decoder", None)
+            if decoder is not None:  # its callers get an error, so no reader thread waits for tokens forever
+                decoder.close()
         for _, lane in self._lanes.values():
             lane.close()
         self.readers.shutdown(wait=False, cancel_futures=True)

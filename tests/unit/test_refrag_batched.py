@@ -154,3 +154,31 @@ def test_a_late_call_times_out_and_a_broken_prompt_fails_alone(refrag):
     out = _in_threads(call, 2)
     assert 1 <= len(out[1]) <= 5  # the healthy call got its tokens
     decoder.close()
+
+
+def test_closing_ends_waiting_and_decoding_calls_with_an_error(refrag):
+    ticks = []
+    decoder = BatchedDecoder(refrag.model, refrag.tokenizer.eos_ids, max_rows=1, submit=ticks.append)
+    embeds = refrag.embed(refrag.qa_layout("q?", refrag.encode([text(8, 1)], 4)), ())
+    errors = []
+
+    def read(gen):
+        try:
+            list(gen)
+        except RuntimeError as e:
+            errors.append(str(e))
+
+    readers = [threading.Thread(target=read, args=(decoder.decode(lambda: embeds, max_new_tokens=50),))
+               for _ in range(2)]
+    for r in readers:
+        r.start()
+    while decoder.waiting != 2:
+        time.sleep(0.001)
+    ticks.pop(0)()  # one call decodes, the other waits for the row
+    assert decoder.decoding == 1 and decoder.waiting == 1
+    decoder.close()
+    for r in readers:
+        r.join(10)
+    assert len(errors) == 2 and all("shut down" in e for e in errors)
+    with pytest.raises(RuntimeError, match="shut down"):
+        next(decoder.decode(lambda: embeds, max_new_tokens=5))
