@@ -11,6 +11,7 @@ from celery import Celery
 from sieve.settings import Settings
 
 QUEUE = "sieve"
+PRELOAD_ALIVE_TIMEOUT_S = 600.0  # seconds a prefork child may take to load its models
 
 
 def make_app(settings: Settings | None = None) -> Celery:
@@ -30,6 +31,10 @@ def make_app(settings: Settings | None = None) -> Celery:
         worker_redirect_stdouts=False,  # redirected, our stderr handler would write into the logger itself
         worker_send_task_events=False,
     )
+    if settings.worker_preload:
+        # a prefork child loads its models before it says it is alive (tasks._on_child_start); within Celery's
+        # default 4 s a slow load (a fresh home converts SmolLM2 first) would end the child and start another
+        app.conf.worker_proc_alive_timeout = PRELOAD_ALIVE_TIMEOUT_S
     if broker.startswith("sqla+"):
         # The SQLAlchemy transport polls its table, by default once a second (a second added to every wake-up).
         # Its transport options all go to create_engine, so the interval is set on the transport class.

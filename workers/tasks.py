@@ -103,16 +103,31 @@ def warm_up(settings: Settings) -> str:
     return f"preloaded {', '.join(names)}{blocks} in {time.perf_counter() - t0:.1f} s"
 
 
+@signals.worker_process_init.connect
+def _on_child_start(**_kwargs) -> None:
+    """A prefork child, just forked: a context of its own, then its models (within the alive timeout `make_app`
+    raises for it), before it takes a task."""
+    global _ctx, _ctx_lock
+    if _ctx is not None:  # forked from a parent that had built one (a child replaced later): not fork-safe
+        _ctx.engine.dispose(close=False)  # leave the parent's connections open, and to the parent
+    _ctx, _ctx_lock = None, threading.Lock()
+    settings = Settings()
+    if settings.worker_preload:
+        print(f"sieve worker process ready (pid {os.getpid()}; {warm_up(settings)})", file=sys.stderr, flush=True)
+
+
 @signals.worker_ready.connect
 def _on_ready(sender=None, **_kwargs) -> None:
-    """Preload the models (solo pool), say ready, start the sweep."""
+    """Preload the models (solo pool: tasks run in this process), say ready, start the sweep."""
     settings = Settings()
     interval = min(30.0, max(1.0, settings.job_lease_s / 4))
-    # tasks run in this process with the solo pool (`sieve worker`). Prefork children load lazily: Celery ends a
-    # child that takes over worker_proc_alive_timeout (4 s) to start, and models must load after the fork
-    loaded = "models load in the first batch that needs them"
-    if settings.worker_preload and type(getattr(sender, "pool", None)).__module__ == "celery.concurrency.solo":
+    solo = type(getattr(sender, "pool", None)).__module__ == "celery.concurrency.solo"
+    if not settings.worker_preload:
+        loaded = "models load in the first batch that needs them"
+    elif solo:
         loaded = warm_up(settings)
+    else:  # prefork: each child preloads after its fork (_on_child_start) and prints its own line
+        loaded = "each process preloads its models"
     print(f"sieve worker ready (pid {os.getpid()}; {loaded})", file=sys.stderr, flush=True)
     threading.Thread(target=_sweep_forever, args=(interval, _stop), name="sieve-sweep", daemon=True).start()
 

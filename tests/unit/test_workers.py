@@ -312,6 +312,38 @@ def test_warm_loads_and_runs_what_the_batches_will_need(ctx, tiny_embedder):
     assert warm(ctx, "other-default") == ["other-default"] and loaded == ["other-default"]
 
 
+def test_prefork_children_get_time_to_preload_and_a_context_of_their_own(tmp_path, monkeypatch):
+    """With preload on, Celery waits PRELOAD_ALIVE_TIMEOUT_S (not its 4 s) for a prefork child to start, and a child
+    forked from a parent that had built its context drops it (the engine without closing the parent's connections)
+    before building its own."""
+    from sieve.workers import tasks
+    from sieve.workers.app import PRELOAD_ALIVE_TIMEOUT_S, make_app
+
+    from sieve.settings import Settings
+
+    assert make_app(Settings(home=tmp_path)).conf.worker_proc_alive_timeout == PRELOAD_ALIVE_TIMEOUT_S >= 60
+    assert make_app(Settings(home=tmp_path, worker_preload=False)).conf.worker_proc_alive_timeout == 4.0
+
+    class Engine:
+        disposed = None
+
+        def dispose(self, close=True):
+            Engine.disposed = close
+
+    class Inherited:
+        engine = Engine()
+
+    warmed = []
+    monkeypatch.setenv("SIEVE_HOME", str(tmp_path))
+    monkeypatch.setattr(tasks, "_ctx", Inherited())
+    monkeypatch.setattr(tasks, "warm_up", lambda settings: warmed.append(settings) or "preloaded x in 0.0 s")
+    tasks._on_child_start()
+    assert tasks._ctx is None and Engine.disposed is False and len(warmed) == 1
+    monkeypatch.setenv("SIEVE_WORKER_PRELOAD", "0")
+    tasks._on_child_start()
+    assert len(warmed) == 1  # preload off: the child stays lazy
+
+
 def test_delete_documents_leaves_index_and_sql_in_agreement(ctx):
     drain(ctx, submit(ctx, [DocumentIn(f"d{i}", doc_text(i)) for i in range(5)]).id)
     job = jobs.submit_delete(ctx.engine, "docs", ["d1", "d3", "missing"], enqueue=Sent())
