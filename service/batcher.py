@@ -294,6 +294,7 @@ class Batcher:
             self.metrics.tokens_per_second.set(tokens / seconds if seconds > 0 else 0.0)
 
     def _requeue(self, group: Hashable, texts: list[_Text]) -> None:
+        texts = [t for t in texts if not t.call.future.done()]  # a call that ended meanwhile is not queued again
         for t in texts:
             t.call.waiting += 1
         self._pending[group] = sorted(texts + self._pending.get(group, []), key=lambda t: t.seq)

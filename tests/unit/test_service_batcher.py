@@ -234,6 +234,22 @@ def test_a_call_arriving_mid_batch_interrupts_a_big_calls_forwards():
     assert ran == list(range(160))  # every text of the big call ran exactly once
 
 
+def test_texts_handed_back_by_an_interrupted_batch_count_only_for_live_calls():
+    """An interrupted batch's unrun texts go back to the queue, except those of a call that ended meanwhile (the
+    caller left): they would count as queued, and the queue refuse calls early, until it next emptied."""
+    from sieve.service.batcher import _Call, _Text
+
+    async def go():
+        b = Batcher(runner=FakeModel(), max_batch_tokens=100, max_queued_texts=10)
+        loop = asyncio.get_running_loop()
+        live, gone = (_Call(loop.create_future(), 1, None, 0.0, waiting=0) for _ in range(2))
+        gone.future.cancel()
+        b._requeue("g", [_Text(gone, 0, ([1, 1], [1, 1]), 0), _Text(live, 0, ([2, 1], [1, 1]), 1)])
+        return b.queued, live.waiting, gone.waiting, [t.call is live for t in b._pending["g"]]
+
+    assert run(go()) == (1, 1, 0, [True])
+
+
 def test_groups_never_share_a_forward():
     model = FakeModel()
 
