@@ -13,10 +13,15 @@ never runs a model). When the lane is busy, at most `max_waiting_generations` ca
 RESOURCE_EXHAUSTED at once. A call whose deadline passed or whose caller left while it waited is dropped before it
 reaches the model.
 
-Answer streams. The lane's thread generates and hands each text piece to the call's coroutine (a queue, through
-the event loop); when the caller goes away (cancel, deadline, disconnect) the coroutine is cancelled and sets the
-stream's cancel event, which the decoder checks before every step: generation stops within a token and the lane
-is free for the next call.
+Answer streams. With `answer_batch` > 1 (SIEVE_ANSWER_BATCH, default 8) a model's Answer calls decode together:
+its `BatchedDecoder` (refrag/batched.py) runs as short ticks posted to the lane (admit waiting calls, one step for
+every row), so a new call waits for one step, not for the answers ahead of it, and Rerank jobs on the same decoder
+run between ticks; each call reads its tokens on a reader thread. The decoder has its own limits (`answer_batch`
+rows, `max_waiting_generations` waiting: Busy -> RESOURCE_EXHAUSTED; a deadline passed before a row: Expired).
+With `answer_batch` 1, the lane's thread generates one call at a time. Either way each text piece goes to the
+call's coroutine (a queue, through the event loop); when the caller goes away (cancel, deadline, disconnect) the
+coroutine is cancelled and sets the stream's cancel event, which the decoder checks before every step: generation
+stops within a token and the row or the lane is free for the next call.
 """
 
 from __future__ import annotations

@@ -105,8 +105,8 @@ class Settings(BaseSettings):
         "joins the running batch at the next step); 1: one stream at a time on the model's own KV cache, the only "
         "case the compiled decode step (SIEVE_COMPILE_DECODE) serves")
     max_waiting_generations: int = Field(
-        8, ge=0, description="Rerank / Answer calls waiting for a busy decoder (one KV cache: one call at a time) "
-        "before more get RESOURCE_EXHAUSTED")
+        8, ge=0, description="Rerank calls waiting for a busy decoder, and Answer calls waiting for a row of its "
+        "batch (SIEVE_ANSWER_BATCH), before more get RESOURCE_EXHAUSTED")
 
     def resolved_database_url(self) -> str:
         if self.database_url:
