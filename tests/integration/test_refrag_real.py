@@ -155,3 +155,39 @@ def test_init_from_a_shipped_model_and_a_tuned_encoder_ship_with_the_folder(tmp_
     assert indexer.fingerprint == own.blocks.fingerprint
     torch.testing.assert_close(indexer.encode_blocks(PASSAGES, 16)[0].vectors, b)
     assert load_block_encoder(home=sieve_home, refrag_model="refrag-k16").fingerprint == stock.blocks.fingerprint
+
+
+def test_streams_decoding_together_answer_as_one_at_a_time(refrag):
+    """The service's default (SIEVE_ANSWER_BATCH=8): concurrent answers share decoding steps on the real model and
+    give the greedy tokens each gives alone, float32, CPU."""
+    import threading
+
+    from sieve.refrag import BatchedDecoder
+
+    questions = [("when is the next deadpool movie being released", PASSAGES),
+                 ("what did the cyrus cylinder say", PASSAGES[::-1]), ("who is deadpool", PASSAGES[:1]),
+                 ("what happened after the babylonian captivity", PASSAGES[1:])]
+    want = []
+    for q, passages in questions:
+        s = Answerer(refrag).stream(q, passages, max_new_tokens=12)
+        "".join(s)
+        want.append((s.token_ids, s.stats.stopped))
+    decoder = BatchedDecoder(refrag.model, refrag.tokenizer.eos_ids, max_rows=8)
+    batched = Answerer(refrag, decoder=decoder)
+    got: list = [None] * len(questions)
+    start = threading.Barrier(len(questions))
+
+    def ask(i):
+        start.wait()
+        s = batched.stream(*questions[i], max_new_tokens=12)
+        "".join(s)
+        got[i] = (s.token_ids, s.stats.stopped)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(questions))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    decoder.close()
+    assert got == want
+    assert decoder.widest >= 2
