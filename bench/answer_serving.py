@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, device_name, start_server, stop, write_results  # noqa: E402
+from common import RESULTS, device_name, plot_by_concurrency, start_server, stop, write_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -150,23 +150,8 @@ def main() -> None:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for system in dict.fromkeys(r["system"] for r in rows):
-        mine = [r for r in rows if r["system"] == system]
-        xs = [r["concurrency"] for r in mine]
-        axes[0].plot(xs, [r["tokens_per_s"] for r in mine], marker="o", label=system)
-        axes[1].plot(xs, [r["ttft_p99_ms"] for r in mine], marker="o", label=system)
-    for ax, title in zip(axes, ("generated tokens/s (all callers)", "time to first text, p99 (ms)")):
-        ax.set_xlabel("concurrent Answer callers")
-        ax.set_title(title)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    plot_by_concurrency(rows, path, [("tokens_per_s", "generated tokens/s (all callers)"),
+                                     ("ttft_p99_ms", "time to first text, p99 (ms)")], "concurrent Answer callers")
 
 
 if __name__ == "__main__":

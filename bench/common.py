@@ -13,8 +13,8 @@ from collections.abc import Callable
 
 from sieve.results import RESULTS, device_name, git_commit, write_results
 
-__all__ = ["RESULTS", "cuda_graph_seconds", "device_name", "free_port", "git_commit", "start_server", "stop",
-           "timeit_paired", "write_results"]
+__all__ = ["RESULTS", "cuda_graph_seconds", "device_name", "free_port", "git_commit", "plot_by_concurrency",
+           "start_server", "stop", "timeit_paired", "write_results"]
 
 
 def free_port() -> int:
@@ -109,3 +109,25 @@ def cuda_graph_seconds(fns: dict[str, Callable[[], object]], *, inner: int = 20,
             end.synchronize()
             times[name].append(start.elapsed_time(end) / 1e3 / inner)
     return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def plot_by_concurrency(rows: list[dict], path, panels: list[tuple[str, str]], xlabel: str = "concurrent callers",
+                        log2_x: bool = False) -> None:
+    """One line per row["system"] against row["concurrency"], in one panel per (field, title); saved to `path`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (field, title) in zip(axes[0], panels):
+        for system in dict.fromkeys(r["system"] for r in rows):
+            mine = [r for r in rows if r["system"] == system]
+            ax.plot([r["concurrency"] for r in mine], [r[field] for r in mine], marker="o", label=system)
+        if log2_x:
+            ax.set_xscale("log", base=2)
+        ax.set_xlabel(xlabel)
+        ax.set_title(title)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, device_name, free_port, start_server, stop, write_results  # noqa: E402
+from common import RESULTS, device_name, free_port, plot_by_concurrency, start_server, stop, write_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "all-minilm-l6-v2"
@@ -253,24 +253,8 @@ def main() -> None:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for system in dict.fromkeys(r["system"] for r in rows):
-        mine = [r for r in rows if r["system"] == system]
-        xs = [r["concurrency"] for r in mine]
-        axes[0].plot(xs, [r["texts_per_s"] for r in mine], marker="o", label=system)
-        axes[1].plot(xs, [r["p99_ms"] for r in mine], marker="o", label=system)
-    for ax, title in zip(axes, ("throughput (texts/s)", "p99 latency (ms)")):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("concurrent callers")
-        ax.set_title(title)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    plot_by_concurrency(rows, path, [("texts_per_s", "throughput (texts/s)"), ("p99_ms", "p99 latency (ms)")],
+                        log2_x=True)
 
 
 if __name__ == "__main__":

@@ -7,23 +7,12 @@ import threading
 import time
 
 import pytest
-import torch
-from sieve.refrag import Answerer, BatchedDecoder, Busy, Projector, Refrag
+from sieve.refrag import Answerer, BatchedDecoder, Busy
 
-from .test_refrag import HashEncoder, text
-from .tiny_files import load_tiny_backbone
+from . import test_refrag
+from .test_refrag import text
 
-
-@pytest.fixture(scope="module")
-def backbone(tmp_path_factory):
-    return load_tiny_backbone(tmp_path_factory, max_seq_len=1024)
-
-
-@pytest.fixture()
-def refrag(backbone):
-    torch.manual_seed(0)
-    projector = Projector(HashEncoder.dim, backbone.args.dim, 32, out_rms=0.08).eval().requires_grad_(False)
-    return Refrag(backbone.model, backbone.tokenizer, HashEncoder(), projector, k=4)
+backbone, refrag = test_refrag.backbone, test_refrag.refrag  # fixtures: the tiny backbone and its REFRAG model
 
 
 QUESTIONS = [("which gene?", [text(10, 1), text(13, 2)]), ("cancer risk", [text(30, 3)]),
