@@ -32,6 +32,7 @@ class AnswerStats:
     expanded: int = 0
     generated_tokens: int = 0
     ttft_s: float | None = None  # call to first text piece
+    queue_s: float = 0.0  # waiting for a row of the batched decoder (included in ttft_s)
     seconds: float = 0.0
     stopped: str = ""  # "eos", "max_new_tokens", "cancelled", "closed"
 
@@ -171,7 +172,8 @@ class Answerer:
             return
         if self.decoder is not None:
             ids = self.decoder.decode(lambda: self.refrag.embed(layout, expand), max_new_tokens=max_new_tokens,
-                                      temperature=temperature, cancel=out._cancel, deadline=deadline)
+                                      temperature=temperature, cancel=out._cancel, deadline=deadline,
+                                      on_admit=lambda s: setattr(out.stats, "queue_s", s))
         elif not self._busy.acquire(blocking=False):
             raise RuntimeError("another answer is streaming on this model (one KV cache); finish or close it first")
         else:

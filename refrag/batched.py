@@ -41,6 +41,8 @@ class _Call:
     temperature: float
     cancel: threading.Event
     deadline: float | None
+    on_admit: Callable[[float], None] | None = None  # told the seconds the call waited for a row
+    queued: float = field(default_factory=time.perf_counter)
     out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)  # ("token", id) | ("end", why) | ("error", e)
     made: int = 0  # tokens generated
     next: int = 0  # the token the next step feeds
@@ -81,10 +83,13 @@ class BatchedDecoder:
         return len(self._rows)
 
     def decode(self, embed: Callable[[], torch.Tensor], *, max_new_tokens: int, temperature: float = 0.0,
-               cancel: threading.Event | None = None, deadline: float | None = None) -> Generator[int, None, str]:
+               cancel: threading.Event | None = None, deadline: float | None = None,
+               on_admit: Callable[[float], None] | None = None) -> Generator[int, None, str]:
         """Yield the answer's token ids (not the end token) as the batch makes them; returns why it stopped:
-        "eos", "max_new_tokens" or "cancelled". Raises Busy at once when the decoder is full."""
-        call = _Call(next(self._keys), embed, max_new_tokens, temperature, cancel or threading.Event(), deadline)
+        "eos", "max_new_tokens" or "cancelled". Raises Busy at once when the decoder is full. `on_admit(seconds)`:
+        called when the call gets its row, with how long it waited."""
+        call = _Call(next(self._keys), embed, max_new_tokens, temperature, cancel or threading.Event(), deadline,
+                     on_admit)
         with self._lock:
             if self._closed:
                 raise RuntimeError("the decoder is shut down")
@@ -154,6 +159,8 @@ class BatchedDecoder:
             if call.deadline is not None and time.monotonic() >= call.deadline:
                 call.out.put(("error", TimeoutError("the deadline passed while waiting for a decoder row")))
                 continue
+            if call.on_admit is not None:
+                call.on_admit(time.perf_counter() - call.queued)
             try:
                 self._prefill(call)
             except Exception as exc:  # this call's prompt broke the model: only this call fails

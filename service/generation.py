@@ -353,8 +353,8 @@ class Generators:
 
 
 async def _read_batched(readers: ThreadPoolExecutor, generate: Callable[[], object]) -> tuple[object, int]:
-    """Run `generate` on a reader thread -> (its stream, 0: the wait for a row is in the time to first token);
-    the batched decoder's refusals as the service's errors."""
+    """Run `generate` on a reader thread -> (its stream, ns it waited for a row of the batched decoder); the
+    decoder's refusals as the service's errors."""
     from sieve.refrag import Busy
 
     def read():
@@ -365,7 +365,8 @@ async def _read_batched(readers: ThreadPoolExecutor, generate: Callable[[], obje
         except TimeoutError as e:
             raise Expired(str(e)) from None
 
-    return await asyncio.wrap_future(readers.submit(read)), 0
+    stream = await asyncio.wrap_future(readers.submit(read))
+    return stream, int(stream.stats.queue_s * 1e9)
 
 
 def _deadline(context) -> float | None:

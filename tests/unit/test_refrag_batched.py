@@ -108,13 +108,16 @@ def test_a_full_decoder_refuses_at_once(refrag):
     ticks = []  # the test runs the decoder's ticks itself
     decoder = BatchedDecoder(refrag.model, refrag.tokenizer.eos_ids, max_rows=1, max_waiting=0, submit=ticks.append)
     embeds = refrag.embed(refrag.qa_layout("q?", refrag.encode([text(8, 1)], 4)), ())
-    first = decoder.decode(lambda: embeds, max_new_tokens=3)
+    waited = []
+    first = decoder.decode(lambda: embeds, max_new_tokens=3, on_admit=waited.append)
     got = []
     reader = threading.Thread(target=lambda: got.extend(first))
     reader.start()
     while decoder.waiting != 1:
         time.sleep(0.001)
+    time.sleep(0.05)
     ticks.pop(0)()  # admits the first call: the only row
+    assert len(waited) == 1 and waited[0] >= 0.05  # told how long it waited for its row
     assert decoder.decoding == 1
     with pytest.raises(Busy, match="limit 0"):
         next(decoder.decode(lambda: embeds, max_new_tokens=3))
