@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 app = make_app()
 
 _ctx: pipeline.WorkerContext | None = None
+_MAIN_PID = os.getpid()  # the `sieve worker` process (this module is imported before prefork children fork)
 _ctx_lock = threading.Lock()
 
 
@@ -106,8 +107,11 @@ def warm_up(settings: Settings) -> str:
 @signals.worker_process_init.connect
 def _on_child_start(**_kwargs) -> None:
     """A prefork child, just forked: a context of its own, then its models (within the alive timeout `make_app`
-    raises for it), before it takes a task."""
+    raises for it), before it takes a task. The solo pool sends the same signal in the worker's own process, where
+    `_on_ready` preloads."""
     global _ctx, _ctx_lock
+    if os.getpid() == _MAIN_PID:
+        return
     if _ctx is not None:  # forked from a parent that had built one (a child replaced later): not fork-safe
         _ctx.engine.dispose(close=False)  # leave the parent's connections open, and to the parent
     _ctx, _ctx_lock = None, threading.Lock()

@@ -53,7 +53,12 @@ def test_prefork_children_preload_their_models_then_index(tmp_path: Path):
                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             deadline = time.monotonic() + 240
-            while not jobs.get_job(engine, job_id).finished:
+
+            def children_ready() -> int:
+                return log_path.read_text().count("sieve worker process ready")
+
+            # one child may index all 60 documents while the other still loads: wait for both
+            while not jobs.get_job(engine, job_id).finished or children_ready() < 2:
                 assert worker.poll() is None, log_path.read_text()[-3000:]
                 assert time.monotonic() < deadline, log_path.read_text()[-3000:]
                 time.sleep(0.5)

@@ -337,6 +337,9 @@ def test_prefork_children_get_time_to_preload_and_a_context_of_their_own(tmp_pat
     monkeypatch.setenv("SIEVE_HOME", str(tmp_path))
     monkeypatch.setattr(tasks, "_ctx", Inherited())
     monkeypatch.setattr(tasks, "warm_up", lambda settings: warmed.append(settings) or "preloaded x in 0.0 s")
+    tasks._on_child_start()  # in the worker's own process (the solo pool sends the signal there too): nothing
+    assert isinstance(tasks._ctx, Inherited) and not warmed
+    monkeypatch.setattr(tasks, "_MAIN_PID", -1)  # a forked child
     tasks._on_child_start()
     assert tasks._ctx is None and Engine.disposed is False and len(warmed) == 1
     monkeypatch.setenv("SIEVE_WORKER_PRELOAD", "0")
