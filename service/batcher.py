@@ -254,8 +254,7 @@ class Batcher:
             return None
         group, _ = oldest
         texts = self._pending[group]  # arrival order: a call's texts are next to each other
-        picked = _gather(texts, self.max_batch_tokens, self.max_batch_tokens * GATHER_FORWARDS,
-                                self.max_batch_texts)
+        picked = _gather(texts, self.max_batch_tokens, self.max_batch_tokens * GATHER_FORWARDS, self.max_batch_texts)
         chosen = set(picked)
         batch = [texts[i] for i in picked]
         rest = [t for i, t in enumerate(texts) if i not in chosen]
@@ -354,9 +353,7 @@ class Batcher:
             for k, rows in enumerate(parts):
                 if k == fill_from:
                     hand_over()
-                    if self._arrivals != arrivals:
-                        return k
-                elif fill_from is not None and k > fill_from and self._arrivals != arrivals:
+                if fill_from is not None and k >= fill_from and self._arrivals != arrivals:
                     return k
                 start = time.perf_counter()
                 vectors = self.runner(group, [texts[i].item for i in rows])
